@@ -1,0 +1,316 @@
+"""Checkpoint files in the Hugging Face layout: finding them, reading tensors, writing shards.
+
+Reading is lazy: `CheckpointReader` opens each safetensors file memory-mapped and reports names,
+shapes and dtypes from the headers, so a loader can check every key and shape before it reads a
+single tensor. Writing is atomic: files go to a temporary directory beside the target and are
+moved in only when everything has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gemma2.errors import CheckpointError
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch floating dtype from a dtype or its name; None (or "auto") keeps the stored dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"dtype {dtype} is not a floating-point dtype")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", text) is not None and not text.startswith(".")
+
+
+def resolve_checkpoint_dir(
+    path: str | Path,
+    config_only: bool = False,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """A local directory holding the checkpoint: `path` itself, or a hub download of it."""
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local}: expected a checkpoint directory, found a file")
+    text = str(path)
+    if not _looks_like_repo_id(text):
+        raise CheckpointError(f"{local}: no such checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["config.json"] if config_only else ["*.json", "*.safetensors", "tokenizer.model"]
+        return Path(
+            snapshot_download(text, allow_patterns=patterns, revision=revision, cache_dir=cache_dir, token=token)
+        )
+    except Exception as error:  # network, authentication, missing repository: one clear message
+        raise CheckpointError(
+            f"{text}: not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(error).__name__}: {error})"
+        ) from None
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint directory (single file or sharded, safetensors or .bin)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._files: dict[str, Any] = {}  # shard name -> open safe_open handle or loaded dict
+        self.key_to_file = self._find_keys()
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _find_keys(self) -> dict[str, str]:
+        d = self.directory
+        if (d / SAFE_INDEX).exists():
+            return self._read_index(d / SAFE_INDEX)
+        if (d / SAFE_WEIGHTS).exists():
+            return {key: SAFE_WEIGHTS for key in self._open(SAFE_WEIGHTS).keys()}
+        if (d / TORCH_INDEX).exists():
+            return self._read_index(d / TORCH_INDEX)
+        if (d / TORCH_WEIGHTS).exists():
+            return {key: TORCH_WEIGHTS for key in self._open(TORCH_WEIGHTS)}
+        raise CheckpointError(
+            f"{d}: no weights found (expected {SAFE_WEIGHTS}, or {SAFE_INDEX} with its shards)"
+        )
+
+    def _read_index(self, index_path: Path) -> dict[str, str]:
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index_path}: not a valid checkpoint index ({error})") from None
+        by_file: dict[str, list[str]] = {}
+        for key, filename in weight_map.items():
+            by_file.setdefault(str(filename), []).append(key)
+        for filename, keys in by_file.items():
+            if not (self.directory / filename).exists():
+                raise CheckpointError(
+                    f"{index_path}: shard {filename} (holding {keys[0]!r} and {len(keys) - 1} more) is missing"
+                )
+            present = set(self._keys_of(filename))
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{index_path}: names tensor {key!r} in {filename}, but that shard lacks it")
+        return {key: str(filename) for key, filename in weight_map.items()}
+
+    def _open(self, filename: str) -> Any:
+        handle = self._files.get(filename)
+        if handle is not None:
+            return handle
+        path = self.directory / filename
+        try:
+            if filename.endswith(".safetensors"):
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            else:
+                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(handle, dict):
+                    raise CheckpointError(f"{path}: expected a dict of tensors")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, Exception) as error:
+            if isinstance(error, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not a readable checkpoint file ({error})") from None
+        self._files[filename] = handle
+        return handle
+
+    def _keys_of(self, filename: str) -> list[str]:
+        handle = self._open(filename)
+        return list(handle.keys())
+
+    # -- access ------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle = self._open(self.key_to_file[key])
+        if isinstance(handle, dict):
+            return tuple(handle[key].shape)
+        return tuple(handle.get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        handle = self._open(self.key_to_file[key])
+        if isinstance(handle, dict):
+            return handle[key].dtype
+        name = handle.get_slice(key).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.directory / self.key_to_file[key]}: tensor {key!r} has unsupported dtype {name}")
+        return _SAFETENSORS_DTYPES[name]
+
+    def get(self, key: str) -> torch.Tensor:
+        filename = self.key_to_file[key]
+        handle = self._open(filename)
+        try:
+            return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+        except (SafetensorError, RuntimeError) as error:
+            raise CheckpointError(f"{self.directory / filename}: cannot read tensor {key!r} ({error})") from None
+
+    def file_of(self, key: str) -> Path:
+        return self.directory / self.key_to_file[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from 5000000, "5GB" (decimal) or "4GiB" (binary), as transformers reads them."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise CheckpointError(f"max_shard_size must be positive, got {size}")
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if match is None:
+        raise CheckpointError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or a number of bytes")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    factors.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    value = int(number * factors[unit])
+    if value <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def shard_state_dict(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (one big tensor per shard)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][key] = tensor
+        used += size
+    return shards
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
+    """Write tensors as model.safetensors or numbered shards plus index; return the file names."""
+    shards = shard_state_dict(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
+        return [SAFE_WEIGHTS]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return [*names, SAFE_INDEX]
+
+
+_WEIGHT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin(\.index\.json)?)$")
+
+
+class AtomicDirectory:
+    """Write files into a temporary directory beside `target`; move them in on success only.
+
+    A new target is created by one rename. Into an existing directory each finished file is moved
+    with os.replace (atomic per file), and weight files of an earlier save that the new one does
+    not have (stale shards) are removed, so the directory never mixes two checkpoints' shards.
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = Path(target)
+        self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.target.is_dir():
+            raise CheckpointError(f"{self.target}: exists and is not a directory")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir()
+        return self.path
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            if not self.target.exists():
+                os.replace(self.path, self.target)
+                return
+            new_files = {p.name for p in self.path.iterdir()}
+            for old in self.target.iterdir():
+                if _WEIGHT_FILE.match(old.name) and old.name not in new_files:
+                    old.unlink()
+            for name in new_files:
+                os.replace(self.path / name, self.target / name)
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file by writing a temporary sibling and renaming it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def iter_shapes(reader: CheckpointReader) -> Iterator[tuple[str, tuple[int, ...]]]:
+    for key in reader.keys():
+        yield key, reader.shape(key)

@@ -1,0 +1,255 @@
+"""The three task heads on the Gemma 2 backbone, with the reference's outputs and losses.
+
+- Gemma2ForCausalLM: tied LM head, final soft-cap tanh(x / 30) * 30 on every logit (before loss
+  and sampling), shifted float32 cross-entropy ignoring -100.
+- Gemma2ForSequenceClassification: a bias-free score layer on every position, pooled at each row's
+  rightmost token that is not pad_token_id (right for left and right padding alike).
+- Gemma2ForTokenClassification: dropout, then a biased score layer on every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma2.cache import Gemma2Cache
+from gemma2.config import Gemma2Config
+from gemma2.errors import InputError
+from gemma2.model import Gemma2Model
+from gemma2.pretrained import Gemma2PreTrainedModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Gemma2Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def cache(self) -> Gemma2Cache | None:  # transformers 5.x's name
+        return self.past_key_values
+
+
+@dataclass
+class SequenceClassifierOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Gemma2Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class TokenClassifierOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """tanh(x / cap) * cap, the reference's op order; identity when cap is None."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean float32 cross-entropy of position t predicting labels[t + 1], ignoring -100."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
+    )
+
+
+class Gemma2ForCausalLM(Gemma2PreTrainedModel):
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__(config)
+        self.model = Gemma2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        else:
+            self._init_module(self.lm_head)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Gemma2Cache | None = None,
+        use_cache: bool | None = False,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool = False,
+        cache: Gemma2Cache | None = None,
+    ) -> CausalLMOutput:
+        """Logits [B, T, V] (or the last `logits_to_keep` positions), soft-capped; loss if labels."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values if past_key_values is not None else cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep < 0:
+                raise InputError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+            if logits_to_keep > 0:
+                h = h[:, -logits_to_keep:]
+        else:
+            h = h[:, logits_to_keep]
+        logits = soft_cap(self.lm_head(h), self.config.final_logit_softcapping)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:-1]:
+                raise InputError(
+                    f"labels must have shape {list(logits.shape[:-1])} (one per kept position), got {list(labels.shape)}"
+                )
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+
+    def generation_config_dict(self) -> dict[str, Any] | None:
+        return {
+            "bos_token_id": self.config.bos_token_id,
+            "eos_token_id": self.config.eos_token_id,
+            "pad_token_id": self.config.pad_token_id,
+        }
+
+
+class Gemma2ForSequenceClassification(Gemma2PreTrainedModel):
+    head_keys = ("score.weight",)
+
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        assert config.num_labels is not None
+        self.model = Gemma2Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self._init_module(self.score)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Gemma2Cache | None = None,
+        use_cache: bool | None = False,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        """Logits [B, num_labels] at each row's last non-pad token; loss by problem_type."""
+        batch = input_ids.shape[0] if input_ids is not None else (inputs_embeds.shape[0] if inputs_embeds is not None else 0)
+        pad_id = self.config.pad_token_id
+        if pad_id is None and batch > 1:
+            raise InputError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id is None)")
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)  # [B, T, num_labels]
+        if pad_id is not None and input_ids is not None:
+            # Rightmost non-pad token; a row of only padding pools position 0, as the reference does.
+            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last = (positions * (input_ids != pad_id).to(logits.device, torch.int32)).argmax(-1)
+        else:
+            # With inputs_embeds padding cannot be seen: the last position is used.
+            last = torch.full((logits.shape[0],), logits.shape[1] - 1, device=logits.device, dtype=torch.long)
+        pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        loss = self.classification_loss(pooled, labels) if labels is not None else None
+        return SequenceClassifierOutput(
+            loss=loss, logits=pooled, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MSE (regression), cross-entropy (single label) or BCE with logits (multi label).
+
+        Like the reference, an unset problem_type is decided on first use and stored in the config:
+        one label means regression, integer labels single-label, anything else multi-label.
+        """
+        num_labels = self.config.num_labels
+        assert num_labels is not None
+        if self.config.problem_type is None:
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        labels = labels.to(pooled.device)
+        problem = self.config.problem_type
+        if problem == "regression":
+            target = labels.to(pooled.dtype)
+            if num_labels == 1:
+                return F.mse_loss(pooled.squeeze(), target.squeeze())
+            return F.mse_loss(pooled, target)
+        if problem == "single_label_classification":
+            if labels.dtype.is_floating_point:
+                raise InputError(f"single_label_classification needs integer class labels, got dtype {labels.dtype}")
+            return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
+        if labels.shape != pooled.shape:
+            raise InputError(
+                f"multi_label_classification needs labels of shape {list(pooled.shape)} (one 0/1 per label), "
+                f"got {list(labels.shape)}"
+            )
+        return F.binary_cross_entropy_with_logits(pooled, labels.to(pooled.dtype))
+
+
+class Gemma2ForTokenClassification(Gemma2PreTrainedModel):
+    head_keys = ("score.weight", "score.bias")
+
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        assert config.num_labels is not None
+        self.model = Gemma2Model(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else 0.1
+        self.dropout = nn.Dropout(p)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self._init_module(self.score)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> TokenClassifierOutput:
+        """Logits [B, T, num_labels]; cross-entropy loss ignoring -100 if labels [B, T] are given."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:-1]:
+                raise InputError(f"labels must have shape {list(logits.shape[:-1])}, got {list(labels.shape)}")
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), ignore_index=IGNORE_INDEX
+            )
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

@@ -1,0 +1,308 @@
+"""The Gemma 2 backbone, top to bottom: RMSNorm, rotary embedding, attention, MLP, layer, model.
+
+Numerics follow transformers' Gemma2 with eager attention (GEMMA2.md section 2); each place where
+a detail matters says why. Shape letters: B batch, T new tokens, S keys, H query heads, K key/value
+heads, D head_dim, d hidden_size, F intermediate_size, V vocab_size, W sliding window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from gemma2.attention import MaskSpec, attention
+from gemma2.cache import Gemma2Cache, LayerCache
+from gemma2.config import Gemma2Config
+from gemma2.errors import InputError
+from gemma2.pretrained import Gemma2PreTrainedModel
+
+
+class Gemma2RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w), all in float32, cast back once.
+
+    The stored weight is an offset from one (initialised to zeros). Multiplying before the cast,
+    not after, is what the reference does (transformers PR 29402).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, D] for position_ids [B, T]: float32 math, cast to the activation dtype."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # [D/2]
+    freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # half-split pairing: j goes with j + D/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] by cos/sin [B, T, D] ("rotate_half" convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The activations transformers' ACT2FN gives for these names."""
+    if name == "gelu_pytorch_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_new":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    if name == "gelu_fast":
+        return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    if name in ("silu", "swish"):
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    raise InputError(f"unsupported activation {name!r}")
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs beyond its hidden states; built once per forward."""
+
+    cos: torch.Tensor  # [B, T, D]
+    sin: torch.Tensor
+    query_positions: torch.Tensor  # [T] cache slots of the new tokens
+    padding: torch.Tensor | None  # [B, slots] bool, True for real tokens (attention_mask)
+    segments: torch.Tensor | None  # [B, T] packed-document index, when position_ids restart
+
+    def mask(self, key_positions: torch.Tensor, window: int | None) -> MaskSpec:
+        key_padding = None
+        if self.padding is not None:
+            key_padding = self.padding[:, key_positions.clamp(min=0)]
+        return MaskSpec(
+            query_positions=self.query_positions,
+            key_positions=key_positions,
+            window=window,
+            key_padding=key_padding,
+            query_segments=self.segments,
+            key_segments=self.segments,
+        )
+
+
+class Gemma2Attention(nn.Module):
+    def __init__(self, config: Gemma2Config, layer_idx: int) -> None:
+        super().__init__()
+        d, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
+        # The scale is query_pre_attn_scalar**-0.5, not head_dim**-0.5: they differ for 27B (144).
+        self.scaling = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        self.dropout = config.attention_dropout
+        self.window = config.sliding_window if config.is_sliding(layer_idx) else None
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, H * D, bias=bias)
+        self.k_proj = nn.Linear(d, K * D, bias=bias)
+        self.v_proj = nn.Linear(d, K * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, inputs.cos, inputs.sin)
+        k = apply_rotary(k, inputs.cos, inputs.sin)
+        if cache is not None:
+            k, v, key_positions = cache.update(k, v)
+        else:
+            key_positions = inputs.query_positions
+        mask = inputs.mask(key_positions, self.window)
+        dropout = self.dropout if self.training else 0.0
+        out = attention(q, k, v, mask, self.scaling, self.softcap, dropout)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Gemma2MLP(nn.Module):
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__()
+        d, F_ = config.hidden_size, config.intermediate_size
+        self.activation = config.hidden_activation
+        self.gate_proj = nn.Linear(d, F_, bias=False)
+        self.up_proj = nn.Linear(d, F_, bias=False)
+        self.down_proj = nn.Linear(F_, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(activation(self.activation, self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gemma2DecoderLayer(nn.Module):
+    """A "sandwich" layer: every sub-block is normed on the way in and on the way out."""
+
+    def __init__(self, config: Gemma2Config, layer_idx: int) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Gemma2Attention(config, layer_idx)
+        self.mlp = Gemma2MLP(config)
+        self.input_layernorm = Gemma2RMSNorm(d, eps)
+        self.post_attention_layernorm = Gemma2RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = Gemma2RMSNorm(d, eps)
+        self.post_feedforward_layernorm = Gemma2RMSNorm(d, eps)
+
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs, cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: Gemma2Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def cache(self) -> Gemma2Cache | None:  # transformers 5.x's name
+        return self.past_key_values
+
+
+class Gemma2Model(Gemma2PreTrainedModel):
+    """Embedding, the decoder layers and the final norm; returns hidden states [B, T, d]."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Gemma2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times sqrt(d), the scale rounded to the weight dtype first.
+
+        In bf16 sqrt(2304) = 48 exactly but sqrt(3584) = 59.87 rounds to 59.75: the reference
+        rounds (float32 then the weight dtype) before multiplying, and so must we.
+        """
+        weight = self.embed_tokens.weight
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
+        return self.embed_tokens(input_ids) * scale.to(weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Gemma2Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        cache: Gemma2Cache | None = None,
+    ) -> BaseModelOutput:
+        if past_key_values is None:
+            past_key_values = cache  # transformers 5.x renamed the argument to `cache`
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            # transformers >= 5.4 scales only the embeddings it looks up, not user inputs_embeds.
+            inputs_embeds = self.embed(input_ids)
+        assert inputs_embeds is not None
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise InputError(
+                f"inputs_embeds must have shape [batch, length, {self.config.hidden_size}], "
+                f"got {list(inputs_embeds.shape)}"
+            )
+        B, T, _ = inputs_embeds.shape
+        if past_key_values is None and use_cache:
+            past_key_values = Gemma2Cache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, Gemma2Cache):
+            raise InputError(f"past_key_values must be a gemma2.Gemma2Cache, got {type(past_key_values).__name__}")
+        start = past_key_values.seq_length if past_key_values is not None else 0
+        device = inputs_embeds.device
+        query_positions = torch.arange(start, start + T, device=device)
+        segments = None
+        if position_ids is None:
+            position_ids = query_positions[None]
+        else:
+            position_ids = self._check_position_ids(position_ids, B, T).to(device)
+            if attention_mask is None and past_key_values is None:
+                # Several documents packed in one row: position_ids restart at each document, and
+                # attention stays inside it (the reference's packed-sequence rule).
+                segments = packed_segments(position_ids.expand(B, T))
+        padding = None
+        if attention_mask is not None:
+            padding = self._check_attention_mask(attention_mask, B, start + T).to(device)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        inputs = AttentionInputs(cos, sin, query_positions, padding, segments)
+
+        h = inputs_embeds
+        all_hidden: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden.append(h)
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training and layer_cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, inputs, None, use_reentrant=False)
+            else:
+                h = layer(h, inputs, layer_cache)
+        h = self.norm(h)
+        if past_key_values is not None:
+            past_key_values.seq_length += T
+        hidden_states = None
+        if output_hidden_states:
+            # The reference reports the embeddings, the outputs of layers 0..N-2, and the final
+            # normed output (equal to last_hidden_state) in place of layer N-1's raw output.
+            hidden_states = (*all_hidden, h)
+        return BaseModelOutput(last_hidden_state=h, past_key_values=past_key_values, hidden_states=hidden_states)
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must have shape [batch, length], got {list(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise InputError(f"input_ids is empty (shape {list(input_ids.shape)})")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise InputError(f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+
+    @staticmethod
+    def _check_attention_mask(mask: torch.Tensor, batch: int, slots: int) -> torch.Tensor:
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != slots:
+            raise InputError(
+                f"attention_mask must have shape [batch={batch}, cached + new tokens={slots}], got {list(mask.shape)}"
+            )
+        return mask.bool()
+
+    @staticmethod
+    def _check_position_ids(position_ids: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+            raise InputError(f"position_ids must have shape [batch={batch} or 1, length={length}], got {list(position_ids.shape)}")
+        return position_ids
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index [B, T] of each token when position_ids restart inside a row, else None.
+
+    A new document starts wherever a position is not its predecessor plus one.
+    """
+    first = position_ids[:, :1] - 1
+    steps = torch.diff(position_ids, prepend=first, dim=-1)
+    segments = (steps != 1).cumsum(-1)
+    if bool((segments[:, -1] == 0).all()):
+        return None
+    return segments

@@ -1,0 +1,265 @@
+"""Gemma2PreTrainedModel: weight initialisation, from_pretrained and save_pretrained.
+
+Loading builds the model on the meta device (no random initialisation: for gemma-2-2b that alone
+costs tens of seconds), checks every checkpoint key and shape against the model before reading a
+byte of tensor data, then reads each tensor memory-mapped, converts its dtype and assigns it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from gemma2.checkpoint import (
+    AtomicDirectory,
+    CheckpointError,
+    CheckpointReader,
+    parse_size,
+    resolve_checkpoint_dir,
+    resolve_dtype,
+    write_safetensors,
+)
+from gemma2.config import Gemma2Config
+
+logger = logging.getLogger("gemma2")
+
+ModelT = TypeVar("ModelT", bound="Gemma2PreTrainedModel")
+
+# Checkpoint keys that are safe to skip: the tied LM head (the embedding is the head), rotary
+# buffers some old checkpoints saved, and a head's weights when loading a different head.
+_IGNORABLE = ("lm_head.weight", "rotary_emb.inv_freq", "score.weight", "score.bias")
+
+
+@dataclass
+class LoadingInfo:
+    """What from_pretrained did beyond a one-to-one copy."""
+
+    newly_initialized: list[str] = field(default_factory=list)  # head weights the checkpoint lacked
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys this model does not use
+    mismatched: list[str] = field(default_factory=list)  # re-initialised (ignore_mismatched_sizes)
+
+
+class Gemma2PreTrainedModel(nn.Module):
+    """Common base of the backbone and the three heads."""
+
+    # Where the backbone lives inside a head ("model" -> keys "model.layers.0..."); "" for the
+    # backbone itself. Checkpoints of either kind load into either kind.
+    base_model_prefix = "model"
+    # Parameters a head adds to the backbone; a backbone checkpoint may lack them.
+    head_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__()
+        if not isinstance(config, Gemma2Config):
+            raise TypeError(f"config must be a gemma2.Gemma2Config, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.loading_info = LoadingInfo()
+
+    # ------------------------------------------------------------------------------------------
+    # Initialisation (the reference's: normal(0, initializer_range), zeros for norms and biases)
+
+    def init_weights(self) -> None:
+        for module in self.modules():
+            self._init_module(module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and module.weight.device.type != "meta":
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif type(module).__name__ == "Gemma2RMSNorm":
+            nn.init.zeros_(module.weight)  # type: ignore[arg-type]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        """Parameters, counting the tied embedding / LM head once."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    def tie_weights(self) -> None:
+        """Heads with an lm_head override this to share the embedding."""
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: the state dict without the tied LM head."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        return state
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(
+        cls: type[ModelT],
+        path: str | Path,
+        *,
+        config: Gemma2Config | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        ignore_mismatched_sizes: bool = False,
+        torch_dtype: str | torch.dtype | None = None,
+        **config_overrides: Any,
+    ) -> ModelT:
+        """Load a Hugging Face layout checkpoint (local directory or hub id).
+
+        `dtype` converts on load (None or "auto" keeps the stored dtype); keyword arguments that
+        name config fields override config.json (e.g. num_labels=3 for a new classifier).
+        """
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
+        directory = resolve_checkpoint_dir(path, revision=revision, cache_dir=cache_dir, token=token)
+        if config is None:
+            config = Gemma2Config.from_json_file(directory / "config.json")
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        reader = CheckpointReader(directory)
+        with torch.device("meta"):
+            model = cls(config)
+        plan = model._plan_loading(reader, ignore_mismatched_sizes)
+        if target_dtype is None:
+            stored = {reader.dtype(key) for key in plan.sources.values()}
+            floating = sorted((d for d in stored if d.is_floating_point), key=str)
+            target_dtype = floating[0] if len(floating) == 1 else torch.float32
+        device = torch.device(device)
+        state: dict[str, torch.Tensor] = {}
+        for name, key in plan.sources.items():
+            tensor = reader.get(key)
+            if tensor.is_floating_point():
+                tensor = tensor.to(target_dtype)
+            state[name] = tensor.to(device)
+        model.load_state_dict(state, strict=False, assign=True)
+        model._materialize_missing(plan.new, target_dtype, device)
+        model.tie_weights()
+        model.config.dtype = str(target_dtype).removeprefix("torch.")
+        model.loading_info = LoadingInfo(newly_initialized=plan.new, ignored=plan.ignored, mismatched=plan.mismatched)
+        if plan.new:
+            logger.warning(
+                "%s: newly initialised (not in the checkpoint at %s): %s. Train them before use.",
+                cls.__name__,
+                directory,
+                ", ".join(plan.new),
+            )
+        if plan.ignored:
+            logger.info("%s: ignored checkpoint keys: %s", cls.__name__, ", ".join(plan.ignored))
+        return model.eval()
+
+    def _plan_loading(self, reader: CheckpointReader, ignore_mismatched: bool) -> _LoadPlan:
+        """Match checkpoint keys to parameter names and check shapes, reading no tensor data."""
+        cls, config = type(self), self.config
+        expected = {name: tuple(t.shape) for name, t in self.checkpoint_state_dict().items()}
+        prefix = cls.base_model_prefix
+        plan = _LoadPlan()
+        for key in reader.keys():
+            name = _adapt_key(key, prefix)
+            if name in expected:
+                plan.sources[name] = key
+            elif name.removeprefix("model.").startswith(_IGNORABLE) or name.startswith(_IGNORABLE):
+                plan.ignored.append(key)
+            else:
+                raise CheckpointError(
+                    f"{reader.file_of(key)}: unexpected tensor {key!r} (not a parameter of {cls.__name__} "
+                    f"with {config.num_hidden_layers} layers)"
+                )
+        for name, shape in expected.items():
+            if name not in plan.sources:
+                if name in cls.head_keys:
+                    plan.new.append(name)
+                    continue
+                raise CheckpointError(f"{reader.directory}: checkpoint is missing tensor {name!r}")
+            key = plan.sources[name]
+            found = reader.shape(key)
+            if found != shape:
+                if ignore_mismatched and name in cls.head_keys:
+                    del plan.sources[name]
+                    plan.new.append(name)
+                    plan.mismatched.append(name)
+                    continue
+                raise CheckpointError(
+                    f"{reader.file_of(key)}: tensor {key!r} has shape {list(found)}, expected {list(shape)} "
+                    f"from the config"
+                )
+        return plan
+
+    def _materialize_missing(self, names: list[str], dtype: torch.dtype, device: torch.device) -> None:
+        """Give freshly initialised values to head parameters the checkpoint did not have."""
+        modules = dict(self.named_modules())
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = modules[module_name]
+            old = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device)))
+        for module_name in {name.rpartition(".")[0] for name in names}:
+            self._init_module(modules[module_name])
+
+    # ------------------------------------------------------------------------------------------
+    # Saving
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors weights (sharded with an index when over the size).
+
+        Everything is written to a temporary directory first: a failure leaves nothing half-written.
+        """
+        max_bytes = parse_size(max_shard_size)
+        tensors = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
+        if any(t.device.type == "meta" for t in tensors.values()):
+            raise CheckpointError("cannot save a model whose weights are still on the meta device")
+        config = self.config.replace(architectures=[type(self).__name__], dtype=str(self.dtype).removeprefix("torch."))
+        with AtomicDirectory(directory) as tmp:
+            write_safetensors(tmp, tensors, max_bytes)
+            (tmp / "config.json").write_text(config.to_json_string(), encoding="utf-8")
+            generation = self.generation_config_dict()
+            if generation is not None:
+                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+    def generation_config_dict(self) -> dict[str, Any] | None:
+        """generation_config.json contents for models that generate text (the causal LM)."""
+        return None
+
+
+@dataclass
+class _LoadPlan:
+    sources: dict[str, str] = field(default_factory=dict)  # parameter name -> checkpoint key
+    new: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+
+def _adapt_key(key: str, prefix: str) -> str:
+    """Map a checkpoint key to this model's parameter name (backbone and head keys interchange).
+
+    Head checkpoints say "model.layers.0..."; backbone checkpoints say "layers.0...".
+    """
+    backbone = key.startswith(("embed_tokens.", "layers.", "norm."))
+    if prefix and backbone:
+        return f"{prefix}.{key}"
+    if not prefix and key.startswith("model."):
+        return key.removeprefix("model.")
+    return key
