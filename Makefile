@@ -1,0 +1,39 @@
+# Every target runs inside .venv, which `make venv` creates with the CPU build of torch.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: venv run test test-slow lint format clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build first (a file on this machine's disk); the package's torch>=2.4 is then satisfied.
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test,dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+# The main job: load a Gemma 2 and print a summary of its logits.
+run: venv
+	$(BIN)/gemma2 logits
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+test-slow: venv
+	$(BIN)/python -m pytest -m "slow"
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
