@@ -102,9 +102,14 @@ def attention(
     scaling: float,
     softcap: float | None,
     dropout: float = 0.0,
-    score_budget_bytes: int = DEFAULT_SCORE_BUDGET_BYTES,
+    score_budget_bytes: int | None = None,
 ) -> torch.Tensor:
-    """Exact attention, tiled over queries when the full score tensor would exceed the budget."""
+    """Exact attention, tiled over queries when the full score tensor would exceed the budget.
+
+    The budget defaults to DEFAULT_SCORE_BUDGET_BYTES, read at call time.
+    """
+    if score_budget_bytes is None:
+        score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
     B, H, T, _ = query.shape
     S = key.shape[2]
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.
