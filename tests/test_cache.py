@@ -36,7 +36,9 @@ def run_in_chunks(model: Gemma2ForCausalLM, ids: torch.Tensor, sizes: list[int],
 @pytest.mark.parametrize("offset", [-1, 0, 1, "2W", "3W+2"])
 def test_prefill_then_token_by_token_equals_full_forward(window: int, offset: int | str) -> None:
     """Lengths W-1, W, W+1, 2W, 3W+2 around the window: the off-by-one cases other stacks get wrong."""
-    length = {"2W": 2 * window, "3W+2": 3 * window + 2}.get(str(offset), window + (offset if isinstance(offset, int) else 0))
+    length = {"2W": 2 * window, "3W+2": 3 * window + 2}.get(
+        str(offset), window + (offset if isinstance(offset, int) else 0)
+    )
     length = max(length, 2)
     model = model_for(window)
     ids = torch.randint(1, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))

@@ -15,10 +15,11 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from gemma2.errors import Gemma2Error
 
-DEMO_CONFIG = dict(
+DEMO_CONFIG: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=64,
     intermediate_size=128,
@@ -83,11 +84,15 @@ def cmd_logits(args: argparse.Namespace) -> int:
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         logits = model(input_ids).logits[0].float()  # [T, V]
-    print(f"layers {config.num_hidden_layers}, d {config.hidden_size}, heads {config.num_attention_heads}/"
-          f"{config.num_key_value_heads}, window {config.sliding_window}, dtype {args.dtype}")
+    print(
+        f"layers {config.num_hidden_layers}, d {config.hidden_size}, heads {config.num_attention_heads}/"
+        f"{config.num_key_value_heads}, window {config.sliding_window}, dtype {args.dtype}"
+    )
     print(f"input ids: {ids}")
-    print(f"logits: shape {list(logits.shape)}, mean {logits.mean():.4f}, std {logits.std():.4f}, "
-          f"min {logits.min():.4f}, max {logits.max():.4f} (soft-cap {config.final_logit_softcapping})")
+    print(
+        f"logits: shape {list(logits.shape)}, mean {logits.mean():.4f}, std {logits.std():.4f}, "
+        f"min {logits.min():.4f}, max {logits.max():.4f} (soft-cap {config.final_logit_softcapping})"
+    )
     top = logits[-1].topk(5)
     pairs = ", ".join(f"{i}:{v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
     print(f"last position top-5 (id:logit): {pairs}")

@@ -176,7 +176,9 @@ class Gemma2Config:
             try:
                 self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             except (TypeError, ValueError, AttributeError):
-                raise ConfigError(f"Gemma2Config.id2label must map integer ids to names, got {self.id2label!r}") from None
+                raise ConfigError(
+                    f"Gemma2Config.id2label must map integer ids to names, got {self.id2label!r}"
+                ) from None
             if self.num_labels is not None and self.num_labels != len(self.id2label):
                 raise ConfigError(
                     f"Gemma2Config.num_labels={self.num_labels!r} disagrees with id2label, which has "
@@ -204,7 +206,9 @@ class Gemma2Config:
                 f"Gemma2Config.num_attention_heads={heads} is not divisible by num_key_value_heads={kv_heads}"
             )
         if self.head_dim % 2 != 0:
-            raise ConfigError(f"Gemma2Config.head_dim must be even (rotary pairs dimension j with j + D/2), got {self.head_dim}")
+            raise ConfigError(
+                f"Gemma2Config.head_dim must be even (rotary pairs dimension j with j + D/2), got {self.head_dim}"
+            )
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(
                 f"Gemma2Config.hidden_activation={self.hidden_activation!r} is not supported; use one of {ACTIVATIONS}"
@@ -325,7 +329,9 @@ class Gemma2Config:
         if isinstance(rope, dict):
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
-                raise ConfigError(f"{source}: rope_parameters.rope_type={rope_type!r} is not supported (Gemma 2 uses 'default')")
+                raise ConfigError(
+                    f"{source}: rope_parameters.rope_type={rope_type!r} is not supported (Gemma 2 uses 'default')"
+                )
             if "rope_theta" in rope and "rope_theta" not in data:
                 kwargs["rope_theta"] = rope["rope_theta"]
         elif rope is not None:
@@ -347,7 +353,9 @@ class Gemma2Config:
             if name in kwargs:
                 kwargs[name] = _as_int(kwargs[name], name, source)
         if "query_pre_attn_scalar" in kwargs:
-            kwargs["query_pre_attn_scalar"] = _as_number(kwargs["query_pre_attn_scalar"], "query_pre_attn_scalar", source)
+            kwargs["query_pre_attn_scalar"] = _as_number(
+                kwargs["query_pre_attn_scalar"], "query_pre_attn_scalar", source
+            )
         for name in _FLOAT_FIELDS:
             if kwargs.get(name) is not None:
                 kwargs[name] = float(_as_number(kwargs[name], name, source))
@@ -373,7 +381,9 @@ class Gemma2Config:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+            raise ConfigError(
+                f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     @classmethod

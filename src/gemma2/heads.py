@@ -117,10 +117,12 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         if labels is not None:
             if labels.shape != logits.shape[:-1]:
                 raise InputError(
-                    f"labels must have shape {list(logits.shape[:-1])} (one per kept position), got {list(labels.shape)}"
+                    f"labels must have shape {list(logits.shape[:-1])} (one per position), got {list(labels.shape)}"
                 )
             loss = causal_lm_loss(logits, labels)
-        return CausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return CausalLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
 
     def generation_config_dict(self) -> dict[str, Any] | None:
         return {
@@ -153,10 +155,16 @@ class Gemma2ForSequenceClassification(Gemma2PreTrainedModel):
         output_hidden_states: bool = False,
     ) -> SequenceClassifierOutput:
         """Logits [B, num_labels] at each row's last non-pad token; loss by problem_type."""
-        batch = input_ids.shape[0] if input_ids is not None else (inputs_embeds.shape[0] if inputs_embeds is not None else 0)
+        batch = (
+            input_ids.shape[0]
+            if input_ids is not None
+            else (inputs_embeds.shape[0] if inputs_embeds is not None else 0)
+        )
         pad_id = self.config.pad_token_id
         if pad_id is None and batch > 1:
-            raise InputError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id is None)")
+            raise InputError(
+                "Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id is None)"
+            )
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

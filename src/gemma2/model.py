@@ -291,7 +291,9 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         if position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
-            raise InputError(f"position_ids must have shape [batch={batch} or 1, length={length}], got {list(position_ids.shape)}")
+            raise InputError(
+                f"position_ids must have shape [batch={batch} or 1, length={length}], got {list(position_ids.shape)}"
+            )
         return position_ids
 
 
