@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from gemma2.errors import ConfigError
+from gemma2.errors import CheckpointError, ConfigError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -82,7 +82,6 @@ _TRANSLATED_KEYS = {
     "model_type",
     "transformers_version",
     "_name_or_path",
-    "num_labels",
 }
 _INT_FIELDS = {
     "vocab_size",
@@ -200,6 +199,9 @@ class Gemma2Config:
         """Check every field; raise ConfigError naming the first bad field and its value."""
         for name in _INT_FIELDS:
             self._int_field(name)
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Gemma2Config.{name} must be true or false, got {getattr(self, name)!r}")
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
         if heads % kv_heads != 0:
             raise ConfigError(
@@ -332,7 +334,7 @@ class Gemma2Config:
                 raise ConfigError(
                     f"{source}: rope_parameters.rope_type={rope_type!r} is not supported (Gemma 2 uses 'default')"
                 )
-            if "rope_theta" in rope and "rope_theta" not in data:
+            if "rope_theta" in rope:  # transformers 5.x reads rope_parameters first, so do we
                 kwargs["rope_theta"] = rope["rope_theta"]
         elif rope is not None:
             raise ConfigError(f"{source}: rope_parameters must be an object, got {rope!r}")
@@ -343,11 +345,20 @@ class Gemma2Config:
                 raise ConfigError(f"{source}: rope_scaling={scaling!r} is not supported by Gemma 2")
         if data.get("sliding_window") is None and data.get("sliding_window_size") is not None:
             kwargs["sliding_window"] = data["sliding_window_size"]
-        stored = data.get("dtype", data.get("torch_dtype"))
+        stored = data.get("dtype") or data.get("torch_dtype")
         if stored is not None:
             kwargs["dtype"] = _dtype_name(stored, f"{source}: dtype")
-        if data.get("num_labels") is not None and data.get("id2label") is None:
-            kwargs["num_labels"] = data["num_labels"]
+        id2label, num_labels = data.get("id2label"), data.get("num_labels")
+        if isinstance(id2label, dict) and num_labels is not None and num_labels != len(id2label):
+            # transformers lets num_labels win over a stale id2label (and renames the labels).
+            kwargs.pop("id2label", None)
+            kwargs.pop("label2id", None)
+        for name in ("layer_types", "architectures"):
+            if kwargs.get(name) is not None and not isinstance(kwargs[name], list):
+                raise ConfigError(f"{source}: {name} must be a list, got {kwargs[name]!r}")
+        for name in ("id2label", "label2id", "rope_parameters"):
+            if kwargs.get(name) is not None and not isinstance(kwargs[name], dict):
+                raise ConfigError(f"{source}: {name} must be an object, got {kwargs[name]!r}")
 
         for name in _INT_FIELDS:
             if name in kwargs:
@@ -395,7 +406,11 @@ class Gemma2Config:
         if path.is_file():
             config = cls.from_json_file(path)
         else:
-            config = cls.from_json_file(resolve_checkpoint_dir(path, config_only=True) / "config.json")
+            try:
+                directory = resolve_checkpoint_dir(path, config_only=True)
+            except CheckpointError as error:
+                raise ConfigError(str(error)) from None
+            config = cls.from_json_file(directory / "config.json")
         return config.replace(**overrides) if overrides else config
 
     def replace(self, **changes: Any) -> Gemma2Config:
@@ -450,8 +465,7 @@ class Gemma2Config:
             final_logit_softcapping=_float_or_none(self.final_logit_softcapping),
             attn_logit_softcapping=_float_or_none(self.attn_logit_softcapping),
         )
-        if self.cache_implementation is not None:
-            out["cache_implementation"] = self.cache_implementation
+        out["cache_implementation"] = self.cache_implementation
         if self.dtype is not None:
             out["dtype"] = self.dtype
             out["torch_dtype"] = self.dtype  # read by transformers < 5
