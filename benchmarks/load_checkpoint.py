@@ -54,7 +54,9 @@ def write_random_checkpoint(directory: Path, preset: str, layers: int | None) ->
     from gemma2.checkpoint import parse_size, write_safetensors
 
     overrides = {"num_hidden_layers": layers} if layers else {}
-    config = Gemma2Config.from_preset(preset, **overrides).replace(architectures=["Gemma2ForCausalLM"], dtype="bfloat16")
+    config = Gemma2Config.from_preset(preset, **overrides).replace(
+        architectures=["Gemma2ForCausalLM"], dtype="bfloat16"
+    )
     with torch.device("meta"):
         skeleton = Gemma2ForCausalLM(config)
     generator = torch.Generator().manual_seed(0)

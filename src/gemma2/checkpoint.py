@@ -33,6 +33,8 @@ _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
     "I16": torch.int16,
@@ -264,16 +266,20 @@ _WEIGHT_FILE = re.compile(
 
 
 class AtomicDirectory:
-    """Write files into a temporary directory beside `target`; move them in on success only.
+    """Write files into a temporary directory beside `target`; swap it in on success only.
 
-    A new target is created by one rename. Into an existing directory each finished file is moved
-    with os.replace (atomic per file), and weight files of an earlier save that the new one does
-    not have (stale shards) are removed, so the directory never mixes two checkpoints' shards.
+    A new target is created by one rename. For an existing target, its other files (a tokenizer,
+    say) are hard-linked or copied into the temporary directory, except weight files the new save
+    replaces (stale shards of an earlier save), so the temporary directory becomes the complete new
+    checkpoint; then the old directory is renamed aside, the new one renamed into place, and the old
+    one deleted. Any failure leaves the old directory as it was.
     """
 
     def __init__(self, target: str | Path) -> None:
         self.target = Path(target)
-        self.path = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tag = uuid.uuid4().hex[:8]
+        self.path = self.target.parent / f".{self.target.name}.tmp-{tag}"
+        self.backup = self.target.parent / f".{self.target.name}.old-{tag}"
 
     def __enter__(self) -> Path:
         if self.target.exists() and not self.target.is_dir():
@@ -287,17 +293,36 @@ class AtomicDirectory:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         try:
-            if not self.target.exists():
-                os.replace(self.path, self.target)
-                return
-            new_files = {p.name for p in self.path.iterdir()}
-            for old in self.target.iterdir():
-                if _WEIGHT_FILE.match(old.name) and old.name not in new_files:
-                    old.unlink()
-            for name in new_files:
-                os.replace(self.path / name, self.target / name)
+            if self.target.exists():
+                self._carry_over_other_files()
+                os.rename(self.target, self.backup)
+                try:
+                    os.rename(self.path, self.target)
+                except BaseException:
+                    os.rename(self.backup, self.target)
+                    raise
+                shutil.rmtree(self.backup, ignore_errors=True)
+            else:
+                os.rename(self.path, self.target)
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def _carry_over_other_files(self) -> None:
+        written = {p.name for p in self.path.iterdir()}
+        for old in self.target.iterdir():
+            if old.name in written or _WEIGHT_FILE.match(old.name):
+                continue
+            if old.is_dir():
+                shutil.copytree(old, self.path / old.name, copy_function=_link_or_copy, symlinks=True)
+            else:
+                _link_or_copy(old, self.path / old.name)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -174,7 +174,8 @@ class Gemma2PreTrainedModel(nn.Module):
     def _plan_loading(self, reader: CheckpointReader, ignore_mismatched: bool) -> _LoadPlan:
         """Match checkpoint keys to parameter names and check shapes, reading no tensor data."""
         cls, config = type(self), self.config
-        expected = {name: tuple(t.shape) for name, t in self.checkpoint_state_dict().items()}
+        params = self.checkpoint_state_dict()
+        expected = {name: tuple(t.shape) for name, t in params.items()}
         prefix = cls.base_model_prefix
         plan = _LoadPlan()
         for key in reader.keys():
@@ -195,6 +196,11 @@ class Gemma2PreTrainedModel(nn.Module):
                     continue
                 raise CheckpointError(f"{reader.directory}: checkpoint is missing tensor {name!r}")
             key = plan.sources[name]
+            stored_dtype = reader.dtype(key)
+            if params[name].is_floating_point() and not stored_dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{reader.file_of(key)}: tensor {key!r} is stored as {stored_dtype}, expected floating point"
+                )
             found = reader.shape(key)
             if found != shape:
                 if ignore_mismatched and name in cls.head_keys:
@@ -209,15 +215,21 @@ class Gemma2PreTrainedModel(nn.Module):
         return plan
 
     def _materialize_missing(self, names: list[str], dtype: torch.dtype, device: torch.device) -> None:
-        """Give freshly initialised values to head parameters the checkpoint did not have."""
+        """Give freshly initialised values to head parameters the checkpoint did not have.
+
+        Only the missing parameters themselves: a loaded score.weight keeps its values when only
+        score.bias is new (a sequence-classification checkpoint loaded as a token classifier).
+        """
         modules = dict(self.named_modules())
         for name in names:
             module_name, _, attr = name.rpartition(".")
             module = modules[module_name]
-            old = getattr(module, attr)
-            setattr(module, attr, nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device)))
-        for module_name in {name.rpartition(".")[0] for name in names}:
-            self._init_module(modules[module_name])
+            fresh = torch.empty(getattr(module, attr).shape, dtype=dtype, device=device)
+            if attr == "bias":
+                nn.init.zeros_(fresh)
+            else:
+                nn.init.normal_(fresh, mean=0.0, std=self.config.initializer_range)
+            setattr(module, attr, nn.Parameter(fresh))
 
     # ------------------------------------------------------------------------------------------
     # Saving
