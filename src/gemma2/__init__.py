@@ -3,15 +3,9 @@
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
 from gemma2.errors import CheckpointError, ConfigError, Gemma2Error, InputError
-from gemma2.heads import (
-    CausalLMOutput,
-    Gemma2ForCausalLM,
-    Gemma2ForSequenceClassification,
-    Gemma2ForTokenClassification,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
-)
-from gemma2.model import BaseModelOutput, Gemma2Model
+from gemma2.heads import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
+from gemma2.model import Gemma2Model
+from gemma2.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 __version__ = "0.1.0"
 

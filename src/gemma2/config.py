@@ -82,6 +82,9 @@ _TRANSLATED_KEYS = {
     "model_type",
     "transformers_version",
     "_name_or_path",
+    # Runtime choices of transformers, not properties of the model: never written back.
+    "attn_implementation",
+    "_attn_implementation",
 }
 _INT_FIELDS = {
     "vocab_size",
@@ -483,12 +486,36 @@ class Gemma2Config:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def to_json_file(self, path: str | Path) -> None:
         from gemma2.checkpoint import atomic_write_text
 
+        atomic_write_text(Path(path), self.to_json_string())
+
+    def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "config.json", self.to_json_string())
+        self.to_json_file(directory / "config.json")
+
+
+_dataclass_init = Gemma2Config.__init__
+
+
+def _init_accepting_reference_spellings(self: Gemma2Config, *args: Any, **kwargs: Any) -> None:
+    """Gemma2Config(...) also takes transformers' other spellings of fields.
+
+    `rope_parameters=`, `torch_dtype=`, `hidden_act=`, `sliding_window_size=`... are translated
+    exactly as they are when read from a config.json, so code written for either transformers 4.x
+    or 5.x constructs the same config.
+    """
+    names = {f.name for f in fields(Gemma2Config)}
+    if args or set(kwargs) <= names:
+        _dataclass_init(self, *args, **kwargs)
+        return
+    built = Gemma2Config.from_dict(kwargs, source="Gemma2Config")
+    _dataclass_init(self, **{name: getattr(built, name) for name in names})
+
+
+setattr(Gemma2Config, "__init__", _init_accepting_reference_spellings)  # noqa: B010
 
 
 def _is_number(value: Any) -> bool:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,36 +19,10 @@ from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
 from gemma2.errors import InputError
 from gemma2.model import Gemma2Model
+from gemma2.outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class CausalLMOutput:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Gemma2Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def cache(self) -> Gemma2Cache | None:  # transformers 5.x's name
-        return self.past_key_values
-
-
-@dataclass
-class SequenceClassifierOutput:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Gemma2Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class TokenClassifierOutput:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from gemma2.attention import MaskSpec, attention
 from gemma2.cache import Gemma2Cache, LayerCache
 from gemma2.config import Gemma2Config
 from gemma2.errors import InputError
+from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
 
 
@@ -161,17 +162,6 @@ class Gemma2DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: torch.Tensor
-    past_key_values: Gemma2Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-
-    @property
-    def cache(self) -> Gemma2Cache | None:  # transformers 5.x's name
-        return self.past_key_values
 
 
 class Gemma2Model(Gemma2PreTrainedModel):

@@ -104,6 +104,31 @@ class Gemma2PreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Heads with an lm_head override this to share the embedding."""
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The Gemma2Model inside (the model itself for Gemma2Model)."""
+        return getattr(self, self.base_model_prefix) if self.base_model_prefix else self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        embedding = self.backbone.embed_tokens
+        assert isinstance(embedding, nn.Embedding)
+        return embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        self.backbone.embed_tokens = embedding
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        head = getattr(self, "lm_head", None)
+        return head if isinstance(head, nn.Linear) else None
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in the backward pass instead of storing them."""
+        setattr(self.backbone, "gradient_checkpointing", True)  # noqa: B010
+
+    def gradient_checkpointing_disable(self) -> None:
+        setattr(self.backbone, "gradient_checkpointing", False)  # noqa: B010
+
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint holds: the state dict without the tied LM head."""
         state = self.state_dict()
