@@ -61,28 +61,45 @@ class FullAttentionCache:
 
 
 class SlidingWindowCache:
-    """The last W keys and values of one sliding-window layer, in a ring buffer of W slots."""
+    """The last W keys and values of one sliding-window layer, in a ring buffer of W slots.
 
-    def __init__(self, window: int) -> None:
+    When the caller knows the sequence stays shorter than W (`capacity`), the ring is that long
+    instead; it grows to W if the sequence outgrows it (no slot has wrapped by then).
+    """
+
+    def __init__(self, window: int, capacity: int | None = None) -> None:
         self.window = window
-        self.keys: torch.Tensor | None = None  # [B, K, W, D]
+        self.capacity = min(window, capacity) if capacity else window
+        self.keys: torch.Tensor | None = None  # [B, K, slots, D]
         self.values: torch.Tensor | None = None
-        self.slot_positions: torch.Tensor | None = None  # [W]; -1 for a slot not yet written
+        self.slot_positions: torch.Tensor | None = None  # [slots]; -1 for a slot not yet written
         self.length = 0
+
+    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+        B, K, _, D = like.shape
+        if self.keys is None or self.values is None or self.slot_positions is None:
+            self.keys = like.new_zeros(B, K, self.capacity, D)
+            self.values = like.new_zeros(B, K, self.capacity, D)
+            self.slot_positions = torch.full((self.capacity,), -1, dtype=torch.long, device=like.device)
+        if needed > self.capacity and self.capacity < self.window:
+            # Outgrew a short ring before any slot wrapped: slots equal positions, so just extend.
+            extra = self.window - self.capacity
+            self.keys = torch.cat([self.keys, like.new_zeros(B, K, extra, D)], dim=2)
+            self.values = torch.cat([self.values, like.new_zeros(B, K, extra, D)], dim=2)
+            self.slot_positions = torch.cat([self.slot_positions, self.slot_positions.new_full((extra,), -1)])
+            self.capacity = self.window
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add key/value [B, K, C, D]; return the keys, values and slots this chunk may attend to."""
         _check_batch(self.keys, key)
-        B, K, C, D = key.shape
-        W = self.window
+        C = key.shape[2]
         start = self.length
-        if self.keys is None or self.values is None or self.slot_positions is None:
-            self.keys = key.new_zeros(B, K, W, D)
-            self.values = key.new_zeros(B, K, W, D)
-            self.slot_positions = torch.full((W,), -1, dtype=torch.long, device=key.device)
+        self._reserve(key, start + C)
+        assert self.keys is not None and self.values is not None and self.slot_positions is not None
+        ring = self.capacity
         new_positions = torch.arange(start, start + C, device=key.device)
         if C == 1:
-            slot = start % W
+            slot = start % ring
             self.keys[:, :, slot] = key[:, :, 0]
             self.values[:, :, slot] = value[:, :, 0]
             self.slot_positions[slot] = start
@@ -91,8 +108,8 @@ class SlidingWindowCache:
         keys = torch.cat([self.keys, key], dim=2)
         values = torch.cat([self.values, value], dim=2)
         positions = torch.cat([self.slot_positions, new_positions])
-        kept = min(C, W)  # only the chunk's last W keys can be seen by later queries
-        slots = new_positions[-kept:] % W
+        kept = min(C, ring)  # only the chunk's last W keys can be seen by later queries
+        slots = new_positions[-kept:] % ring
         self.keys[:, :, slots] = key[:, :, -kept:]
         self.values[:, :, slots] = value[:, :, -kept:]
         self.slot_positions[slots] = new_positions[-kept:]
@@ -118,7 +135,7 @@ class Gemma2Cache:
         for i in range(config.num_hidden_layers):
             if config.is_sliding(i):
                 assert config.sliding_window is not None
-                self.layers.append(SlidingWindowCache(config.sliding_window))
+                self.layers.append(SlidingWindowCache(config.sliding_window, capacity=max_length))
             else:
                 self.layers.append(FullAttentionCache(max_length))
         self.seq_length = 0
@@ -132,6 +149,16 @@ class Gemma2Cache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+def cache_memory_bytes(config: Gemma2Config, length: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes of keys and values for `length` tokens: full layers hold all, sliding layers the window."""
+    per_token = 2 * batch * config.num_key_value_heads * config.head_dim * bytes_per_value
+    total = 0
+    for i in range(config.num_hidden_layers):
+        slots = min(length, config.sliding_window or length) if config.is_sliding(i) else length
+        total += slots * per_token
+    return total
 
 
 def _check_batch(existing: torch.Tensor | None, key: torch.Tensor) -> None:

@@ -102,7 +102,46 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
             "bos_token_id": self.config.bos_token_id,
             "eos_token_id": self.config.eos_token_id,
             "pad_token_id": self.config.pad_token_id,
+            **self.generation_config,
         }
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt plus new tokens, LongTensor [B, T + new]; rows that stopped are padded with pad_token_id.
+
+        Greedy unless do_sample. Stop tokens default to generation_config.json's eos_token_id,
+        else the config's. A seed makes sampling reproducible.
+        """
+        from gemma2.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+        )
 
 
 class Gemma2ForSequenceClassification(Gemma2PreTrainedModel):

@@ -26,6 +26,7 @@ from gemma2.checkpoint import (
     write_safetensors,
 )
 from gemma2.config import Gemma2Config
+from gemma2.generate import read_generation_config
 
 logger = logging.getLogger("gemma2")
 
@@ -61,6 +62,8 @@ class Gemma2PreTrainedModel(nn.Module):
         config.validate()
         self.config = config
         self.loading_info = LoadingInfo()
+        # generation_config.json of the checkpoint (stop tokens, sampling defaults), {} if none.
+        self.generation_config: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
     # Initialisation (the reference's: normal(0, initializer_range), zeros for norms and biases)
@@ -185,6 +188,7 @@ class Gemma2PreTrainedModel(nn.Module):
         model.tie_weights()
         model.config.dtype = str(target_dtype).removeprefix("torch.")
         model.loading_info = LoadingInfo(newly_initialized=plan.new, ignored=plan.ignored, mismatched=plan.mismatched)
+        model.generation_config = read_generation_config(directory)
         if plan.new:
             logger.warning(
                 "%s: newly initialised (not in the checkpoint at %s): %s. Train them before use.",

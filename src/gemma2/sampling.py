@@ -1,0 +1,93 @@
+"""Next-token selection: logits processors and samplers as pure functions on [B, V] float32 logits.
+
+The processors and their order follow transformers' generate: repetition penalty, then (when
+sampling) temperature, top-k, top-p, min-p; removed tokens get -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemma2.errors import InputError
+
+
+@dataclass
+class SamplingSettings:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def validate(self) -> None:
+        """Raise InputError for settings that cannot work, before any model work is done."""
+        if self.do_sample and not self.temperature > 0:
+            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in `seen` [B, L] less likely: negative logits times, positive over penalty."""
+    scores = logits.gather(1, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(1, seen, scores)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
+    ascending, order = torch.sort(logits, dim=-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop tokens less likely than p times the most likely token."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    logits = logits.float()
+    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, seen, settings.repetition_penalty)
+    if not settings.do_sample:
+        return logits
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    if settings.top_k:
+        logits = top_k_filter(logits, settings.top_k)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        logits = top_p_filter(logits, settings.top_p)
+    if settings.min_p:
+        logits = min_p_filter(logits, settings.min_p)
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token [B] for each row: argmax when greedy, a draw from the processed distribution otherwise."""
+    logits = process_logits(logits, seen, settings)
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
