@@ -12,13 +12,15 @@ $(BIN)/.installed: pyproject.toml
 	# The CPU build first (a file on this machine's disk); the package's torch>=2.4 is then satisfied.
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,dev]"
+	# The real Gemma tokenizer, from the maxtext wheel on PyPI, checked by sha256 and cached.
+	$(BIN)/python -m gemma2.assets
 	touch $@
 
 venv: $(BIN)/.installed
 
-# The main job: load a Gemma 2 and print a summary of its logits.
+# The main job: stream a completion from the default model.
 run: venv
-	$(BIN)/gemma2 logits
+	$(BIN)/gemma2 generate "Why is the sky blue?"
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu"

@@ -1,36 +1,26 @@
 """The `gemma2` command: thin subcommands over the library, importing torch only when needed.
 
-    gemma2 info   --model DIR                 config, parameter count, dtype, files
-    gemma2 logits [--model DIR] [--ids 2,651,...] [--dtype bf16|fp32]
-                                              load a model, run one forward, summarise the logits
+    gemma2 generate [--model M] [PROMPT]     stream a completion (prompt from stdin when absent)
+    gemma2 chat     [--model M]              interactive multi-turn chat
+    gemma2 info     [--model M]              config, parameters, dtype, weight and cache memory
+    gemma2 logits   [--model M] [--ids ...]  one forward pass, summarised
 
-Without --model, `logits` builds a small random Gemma 2 (every architectural feature, seeded),
-saves it as a Hugging Face checkpoint, loads it back and runs it: a self-contained check that the
-install works, with no download.
+--model takes a checkpoint directory or a hub id. Without it the commands use the bundled
+default model (see gemma2.default_model) and say so in one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemma2.errors import Gemma2Error
 
-DEMO_CONFIG: dict[str, Any] = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=24,
-    query_pre_attn_scalar=24,
-    sliding_window=8,
-    max_position_embeddings=256,
-)
+if TYPE_CHECKING:
+    from gemma2.heads import Gemma2ForCausalLM
+    from gemma2.tokenizer import Gemma2Tokenizer
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -40,26 +30,139 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
 
 
+def _model_dir(args: argparse.Namespace) -> Path:
+    from gemma2.checkpoint import resolve_checkpoint_dir
+
+    if args.model is None:
+        from gemma2.default_model import NOTICE, default_model_dir
+
+        print(NOTICE, file=sys.stderr)
+        return default_model_dir()
+    return resolve_checkpoint_dir(args.model)
+
+
+def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple[Gemma2ForCausalLM, Gemma2Tokenizer | None]:
+    import torch
+
+    from gemma2.heads import Gemma2ForCausalLM
+    from gemma2.tokenizer import Gemma2Tokenizer
+
+    directory = _model_dir(args)
+    tok = Gemma2Tokenizer.from_pretrained(directory) if tokenizer else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    return Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype), tok
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy by default; --temperature > 0, --top-p, --top-k or --min-p turn sampling on."""
+    sampling = bool(args.temperature) or args.top_p is not None or args.top_k is not None or args.min_p is not None
+    if args.temperature is not None and args.temperature < 0:
+        raise Gemma2Error(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=sampling,
+        temperature=args.temperature if args.temperature else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _print_stream(pieces: Any) -> str:
+    text = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        text.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gemma2.generate import stream
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise Gemma2Error("empty prompt: give PROMPT or pipe text on stdin")
+    kwargs = _sampling_kwargs(args)
+    model, tok = _load(args)
+    assert tok is not None
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        _print_stream(stream(model, tok, messages, **kwargs))
+    else:
+        _print_stream(stream(model, tok, prompt, **kwargs))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gemma2.generate import stream
+
+    kwargs = _sampling_kwargs(args)
+    model, tok = _load(args)
+    assert tok is not None
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("gemma2 chat: type a message; /reset clears the history; Ctrl-D or /exit quits.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line == "/exit":
+                break
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            history.append({"role": "user", "content": line})
+            if interactive:
+                sys.stdout.write("model> ")
+            reply = _print_stream(stream(model, tok, history, **kwargs))
+            history.append({"role": "assistant", "content": reply})
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from gemma2.checkpoint import CheckpointReader, resolve_checkpoint_dir
+    from gemma2.cache import cache_memory_bytes
+    from gemma2.checkpoint import CheckpointReader
     from gemma2.config import Gemma2Config
 
-    directory = resolve_checkpoint_dir(args.model)
+    directory = _model_dir(args)
     config = Gemma2Config.from_json_file(directory / "config.json")
     reader = CheckpointReader(directory)
-    params = 0
+    params = weight_bytes = 0
     dtypes: set[str] = set()
     for key in reader.keys():
-        shape = reader.shape(key)
         count = 1
-        for n in shape:
+        for n in reader.shape(key):
             count *= n
         params += count
-        dtypes.add(str(reader.dtype(key)).removeprefix("torch."))
+        dtype = reader.dtype(key)
+        weight_bytes += count * dtype.itemsize
+        dtypes.add(str(dtype).removeprefix("torch."))
+    length = config.max_position_embeddings
+    cache = cache_memory_bytes(config, length, bytes_per_value=2)
+    everything = cache_memory_bytes(config.replace(layer_types=["full_attention"] * config.num_hidden_layers), length)
     print(f"checkpoint: {directory}")
     print(f"files: {', '.join(sorted(set(reader.key_to_file.values())))}")
     print(f"parameters: {params:,} (tied LM head counted once)")
-    print(f"stored dtype: {', '.join(sorted(dtypes))}")
+    print(f"stored dtype: {', '.join(sorted(dtypes))}; weights: {weight_bytes / 2**20:,.1f} MiB")
+    print(
+        f"KV cache at {length} tokens, batch 1, bf16: {cache / 2**20:,.1f} MiB "
+        f"(sliding layers keep {config.sliding_window} slots; {everything / 2**20:,.1f} MiB if every layer kept all)"
+    )
     print(config.to_json_string(), end="")
     return 0
 
@@ -67,23 +170,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_logits(args: argparse.Namespace) -> int:
     import torch
 
-    from gemma2 import Gemma2Config, Gemma2ForCausalLM
-
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    with tempfile.TemporaryDirectory() as scratch:
-        model_path = args.model
-        if model_path is None:
-            torch.manual_seed(args.seed)
-            demo = Gemma2ForCausalLM(Gemma2Config(**DEMO_CONFIG))
-            model_path = Path(scratch) / "demo-gemma2"
-            demo.save_pretrained(model_path)
-            print(f"built a random demo Gemma 2 ({demo.num_parameters():,} parameters) at {model_path}")
-        model = Gemma2ForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model, _ = _load(args, tokenizer=False)
     config = model.config
     ids = args.ids or [config.bos_token_id or 2, *range(10, 10 + 15)]
-    input_ids = torch.tensor([ids])
     with torch.no_grad():
-        logits = model(input_ids).logits[0].float()  # [T, V]
+        logits = model(torch.tensor([ids])).logits[0].float()  # [T, V]
     print(
         f"layers {config.num_hidden_layers}, d {config.hidden_size}, heads {config.num_attention_heads}/"
         f"{config.num_key_value_heads}, window {config.sliding_window}, dtype {args.dtype}"
@@ -99,19 +190,45 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature; unset or 0 means greedy")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
+    parser.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
+    parser.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability")
+    parser.add_argument("--repetition-penalty", type=float, help="penalise tokens already seen (e.g. 1.1)")
+    parser.add_argument("--seed", type=int, help="random seed: the same seed gives the same sample")
+    parser.add_argument("--system", help="a system instruction (prepended to the first user turn)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma2", description="Gemma 2 language models in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="describe a checkpoint directory")
-    info.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    generate = sub.add_parser("generate", help="stream a completion of PROMPT (or of stdin)")
+    generate.add_argument("prompt", nargs="?", help="the prompt; read from stdin when absent")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn of the chat format")
+    _add_model_options(generate)
+    _add_sampling_options(generate)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (Ctrl-D or /exit quits, /reset clears)")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    info = sub.add_parser("info", help="config, parameter count, dtype, weight and KV-cache memory")
+    info.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     info.set_defaults(run=cmd_info)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
-    logits.add_argument("--model", help="checkpoint directory or hub id (default: a random demo model)")
-    logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids")
-    logits.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
-    logits.add_argument("--seed", type=int, default=0, help="seed of the random demo model")
+    logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids (default: <bos> 10..24)")
+    _add_model_options(logits)
     logits.set_defaults(run=cmd_logits)
     return parser
 
@@ -123,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma2Error as error:
         print(f"gemma2: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"gemma2: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
 
 
