@@ -3,7 +3,7 @@
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
 from gemma2.errors import CheckpointError, ConfigError, Gemma2Error, InputError
-from gemma2.generate import IncrementalDecoder, generate, stream
+from gemma2.generation import IncrementalDecoder, generate, stream
 from gemma2.heads import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from gemma2.model import Gemma2Model
 from gemma2.outputs import BaseModelOutput, CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput

@@ -82,7 +82,7 @@ def _print_stream(pieces: Any) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gemma2.generate import stream
+    from gemma2.generation import stream
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from gemma2.generate import stream
+    from gemma2.generation import stream
 
     kwargs = _sampling_kwargs(args)
     model, tok = _load(args)

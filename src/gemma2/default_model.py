@@ -14,7 +14,9 @@ from typing import Any
 from gemma2.assets import cache_dir, gemma_tokenizer_model
 
 NAME = "random-tiny-gemma2-v1"
-NOTICE = "note: no --model given: using a tiny randomly initialised Gemma 2 with the real tokenizer; its output is random"
+NOTICE = (
+    "note: no --model given: using a tiny randomly initialised Gemma 2 with the real tokenizer; its output is random"
+)
 
 TINY_RANDOM: dict[str, Any] = dict(
     vocab_size=256000,

@@ -125,7 +125,7 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         Greedy unless do_sample. Stop tokens default to generation_config.json's eos_token_id,
         else the config's. A seed makes sampling reproducible.
         """
-        from gemma2.generate import generate
+        from gemma2.generation import generate
 
         return generate(
             self,

@@ -26,7 +26,7 @@ from gemma2.checkpoint import (
     write_safetensors,
 )
 from gemma2.config import Gemma2Config
-from gemma2.generate import read_generation_config
+from gemma2.generation import read_generation_config
 
 logger = logging.getLogger("gemma2")
 
