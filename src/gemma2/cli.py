@@ -54,10 +54,14 @@ def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple[Gemma2ForCa
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Greedy by default; --temperature > 0, --top-p, --top-k or --min-p turn sampling on."""
-    sampling = bool(args.temperature) or args.top_p is not None or args.top_k is not None or args.min_p is not None
+    """Greedy unless asked to sample: --temperature > 0, or --top-p / --top-k / --min-p without
+    a temperature (then sampling at temperature 1). An explicit --temperature 0 is always greedy."""
     if args.temperature is not None and args.temperature < 0:
         raise Gemma2Error(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.temperature is not None:
+        sampling = args.temperature > 0
+    else:
+        sampling = args.top_p is not None or args.top_k is not None or args.min_p is not None
     return dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=sampling,
@@ -84,7 +88,8 @@ def _print_stream(pieces: Any) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from gemma2.generation import stream
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # A piped prompt ends with the newline of its last line; that newline is not part of the prompt.
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise Gemma2Error("empty prompt: give PROMPT or pipe text on stdin")
     kwargs = _sampling_kwargs(args)
@@ -197,7 +202,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature; unset or 0 means greedy")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="sampling temperature; 0 means greedy (the default unless sampling flags are given)",
+    )
     parser.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
     parser.add_argument("--top-k", type=int, help="sample among the K most likely tokens")
     parser.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top probability")
@@ -217,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive multi-turn chat (Ctrl-D or /exit quits, /reset clears)")
+    chat = sub.add_parser(
+        "chat",
+        help="interactive multi-turn chat (Ctrl-D or /exit quits, /reset clears)",
+        description="Interactive multi-turn chat in the model's chat format. The history is kept across turns. "
+        "Type /reset to clear it, /exit or Ctrl-D to quit; Ctrl-C also quits cleanly.",
+    )
     _add_model_options(chat)
     _add_sampling_options(chat)
     chat.set_defaults(run=cmd_chat)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +37,26 @@ ModelT = TypeVar("ModelT", bound="Gemma2PreTrainedModel")
 # Checkpoint keys that are safe to skip: the tied LM head (the embedding is the head), rotary
 # buffers some old checkpoints saved, and a head's weights when loading a different head.
 _IGNORABLE = ("lm_head.weight", "rotary_emb.inv_freq", "score.weight", "score.bias")
+
+
+@contextmanager
+def skeleton_construction() -> Iterator[None]:
+    """Build modules on the meta device without running any initialiser.
+
+    Every value will come from the checkpoint, so initialising is wasted work; and torch's meta
+    kernels for random fills are Python code whose first use imports torch._dynamo (over a second).
+    The initialisers are swapped for no-ops only while the skeleton is built (not thread-safe).
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 @dataclass
@@ -169,7 +191,7 @@ class Gemma2PreTrainedModel(nn.Module):
         if config_overrides:
             config = config.replace(**config_overrides)
         reader = CheckpointReader(directory)
-        with torch.device("meta"):
+        with skeleton_construction():
             model = cls(config)
         plan = model._plan_loading(reader, ignore_mismatched_sizes)
         if target_dtype is None:

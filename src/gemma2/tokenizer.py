@@ -1,14 +1,13 @@
 """The Gemma tokenizer and the Gemma chat format (importable without torch).
 
-Two backends give the same ids (the tests check this on the real Gemma tokenizer):
-
-- tokenizer.json through the `tokenizers` library (fast; what Hugging Face checkpoints ship);
-- tokenizer.model through `sentencepiece` (a directory with only tokenizer.model works).
+Encoding and decoding run in the `tokenizers` library, from tokenizer.json when the checkpoint has
+one, else from tokenizer.model: that SentencePiece model is read with sentencepiece's schema and
+converted once to the same BPE tokenizer (see sentencepiece_bpe.py; cached by its sha256), so both
+files give the reference's ids, as transformers' GemmaTokenizerFast does.
 
 Gemma's SentencePiece model has 249 "added" pieces (control, unknown and user-defined: `<bos>`,
-`<start_of_turn>`, newline and whitespace runs, `<unused0>`...). Like the reference tokenizer, text
-is first split on them (leftmost-longest match), so `<start_of_turn>` written in a string is the
-special token 106, and the rest is encoded piece by piece.
+`<start_of_turn>`, newline runs, `<unused0>`...) matched in raw text first, so `<start_of_turn>`
+written in a string is the special token 106, as in the reference.
 
 BOS: `encode(..., add_special_tokens=True)` gives exactly one `<bos>` at the start (never two, even
 when the text itself starts with `<bos>`); a missing BOS wrecks Gemma's quality.
@@ -17,7 +16,6 @@ when the text itself starts with `<bos>`); a missing BOS wrecks Gemma's quality.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +43,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
-# Tokens the reference treats as special (skipped by decode(skip_special_tokens=True)).
-SPECIAL_TOKEN_NAMES = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
-
 
 class TokenizerError(Gemma2Error):
     """A tokenizer file is missing or unreadable."""
@@ -58,79 +53,36 @@ class ChatFormatError(Gemma2Error):
 
 
 # ------------------------------------------------------------------------------------------------
-# Backends: plain text <-> ids, without BOS handling
+# The backend: plain text <-> ids through the `tokenizers` library, without BOS handling
 
 
-class _SentencePieceBackend:
-    def __init__(self, path: Path) -> None:
-        try:
-            import sentencepiece
-            from sentencepiece import sentencepiece_model_pb2
-        except ImportError as error:  # pragma: no cover - both are dependencies of the package
-            raise TokenizerError(f"reading {path} needs sentencepiece and protobuf ({error})") from None
-        data = path.read_bytes()
-        proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
-        try:
-            proto.ParseFromString(data)
-            self.sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-        except Exception as error:
-            raise TokenizerError(f"{path}: not a SentencePiece model ({error})") from None
-        self.path = path
-        self.pieces = [piece.piece for piece in proto.pieces]
-        normal, byte = 1, 6  # ModelProto.SentencePiece.Type
-        # Every piece that is not a normal or byte piece is matched in raw text first.
-        self.added = {i: p.piece for i, p in enumerate(proto.pieces) if p.type not in (normal, byte)}
-        self.special = {i for i, p in self.added.items() if p in SPECIAL_TOKEN_NAMES}
-        self._splitter = _added_token_splitter(self.added.values())
-        self._added_ids = {piece: i for i, piece in self.added.items()}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.pieces)
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for segment, is_added in _split(text, self._splitter):
-            ids.extend([self._added_ids[segment]] if is_added else self.sp.encode(segment))
-        return ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        out: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            if i in self.added and (i in self.special or self.sp.IsControl(i) or self.sp.IsUnknown(i)):
-                # sentencepiece decodes control pieces to "" and <unk> to " \u2047 ": write their names.
-                if run:
-                    out.append(self.sp.decode(run))
-                    run = []
-                if not (skip_special_tokens and i in self.special):
-                    out.append(self.added[i])
-            else:
-                run.append(i)
-        if run:
-            out.append(self.sp.decode(run))
-        return "".join(out)
-
-    def id_to_token(self, i: int) -> str:
-        return self.pieces[i]
-
-    def token_to_id(self, token: str) -> int | None:
-        i = self.sp.piece_to_id(token)
-        return i if self.pieces[i] == token else None
-
-
-class _TokenizersBackend:
-    def __init__(self, path: Path) -> None:
+class _Backend:
+    def __init__(self, path: Path, sentencepiece_model: Path | None = None) -> None:
+        """Read tokenizer.json at `path` (converted from `sentencepiece_model` when given)."""
         from tokenizers import Tokenizer
 
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:
             raise TokenizerError(f"{path}: not a tokenizer.json file ({error})") from None
-        self.path = path
+        self.path = sentencepiece_model or path
+        self.sentencepiece_model = sentencepiece_model
         decoder = self.tokenizer.get_added_tokens_decoder()
         self.added = {i: token.content for i, token in decoder.items()}
         self.special = {i for i, token in decoder.items() if token.special}
+
+    @classmethod
+    def from_sentencepiece(cls, path: Path) -> _Backend:
+        from gemma2.assets import cache_dir
+        from gemma2.sentencepiece_bpe import SentencePieceError, converted_tokenizer_file
+
+        try:
+            converted = converted_tokenizer_file(path, cache_dir() / "tokenizers")
+        except SentencePieceError as error:
+            raise TokenizerError(str(error)) from None
+        except OSError as error:
+            raise TokenizerError(f"{path}: cannot read ({error})") from None
+        return cls(converted, sentencepiece_model=path)
 
     @property
     def vocab_size(self) -> int:
@@ -138,6 +90,9 @@ class _TokenizersBackend:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -152,25 +107,23 @@ class _TokenizersBackend:
         i = self.tokenizer.token_to_id(token)
         return None if i is None else int(i)
 
+    def save(self, path: Path, add_bos: bool) -> None:
+        """Write tokenizer.json; its post-processor adds <bos> when `add_bos`, because transformers
+        takes BOS from there (not from tokenizer_config.json) when it loads the file."""
+        from tokenizers.processors import TemplateProcessing
 
-def _added_token_splitter(tokens: Iterable[str]) -> re.Pattern[str] | None:
-    ordered = sorted((t for t in tokens if t), key=len, reverse=True)  # longest first = leftmost-longest
-    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
-
-
-def _split(text: str, splitter: re.Pattern[str] | None) -> list[tuple[str, bool]]:
-    if splitter is None:
-        return [(text, False)] if text else []
-    parts: list[tuple[str, bool]] = []
-    position = 0
-    for match in splitter.finditer(text):
-        if match.start() > position:
-            parts.append((text[position : match.start()], False))
-        parts.append((match.group(), True))
-        position = match.end()
-    if position < len(text):
-        parts.append((text[position:], False))
-    return parts
+        document = json.loads(self.tokenizer.to_str())
+        bos = self.token_to_id("<bos>")
+        if add_bos and bos is not None:
+            processor = TemplateProcessing(
+                single="<bos> $A", pair="<bos> $A <bos>:1 $B:1", special_tokens=[("<bos>", bos)]
+            )
+            document["post_processor"] = json.loads(processor.__getstate__())
+        elif not add_bos:
+            document["post_processor"] = None
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+        partial.replace(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +144,7 @@ class Gemma2Tokenizer:
 
     def __init__(
         self,
-        backend: _SentencePieceBackend | _TokenizersBackend,
+        backend: _Backend,
         chat_template: str | None = None,
         add_bos_token: bool = True,
         add_eos_token: bool = False,
@@ -236,13 +189,14 @@ class Gemma2Tokenizer:
             except CheckpointError as error:
                 raise TokenizerError(str(error)) from None
             files = [TOKENIZER_JSON, TOKENIZER_MODEL]
-        backend: _SentencePieceBackend | _TokenizersBackend
         if TOKENIZER_JSON in files and (directory / TOKENIZER_JSON).exists():
-            backend = _TokenizersBackend(directory / TOKENIZER_JSON)
+            backend = _Backend(directory / TOKENIZER_JSON)
         elif TOKENIZER_MODEL in files and (directory / TOKENIZER_MODEL).exists():
-            backend = _SentencePieceBackend(directory / TOKENIZER_MODEL)
+            backend = _Backend.from_sentencepiece(directory / TOKENIZER_MODEL)
+        elif local.is_file() and local.suffix == ".json":
+            backend = _Backend(local)
         elif local.is_file():
-            backend = _SentencePieceBackend(local)
+            backend = _Backend.from_sentencepiece(local)
         else:
             raise TokenizerError(f"{directory}: no tokenizer files (expected {TOKENIZER_JSON} or {TOKENIZER_MODEL})")
         settings: dict[str, Any] = {}
@@ -265,14 +219,16 @@ class Gemma2Tokenizer:
         return cls(backend, name_or_path=str(path), **settings)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the tokenizer file(s), tokenizer_config.json and special_tokens_map.json."""
+        """Write tokenizer.json (and tokenizer.model when known), tokenizer_config.json and
+        special_tokens_map.json: the files transformers and this package both read."""
         import shutil
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        source = self.backend.path
-        if source.resolve() != (directory / source.name).resolve():
-            shutil.copyfile(source, directory / source.name)
+        source = self.backend.sentencepiece_model
+        if source is not None and source.resolve() != (directory / TOKENIZER_MODEL).resolve():
+            shutil.copyfile(source, directory / TOKENIZER_MODEL)
+        self.backend.save(directory / TOKENIZER_JSON, add_bos=self.add_bos_token)
         config = {
             "add_bos_token": self.add_bos_token,
             "add_eos_token": self.add_eos_token,
