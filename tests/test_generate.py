@@ -231,3 +231,20 @@ def test_incremental_decoding_never_emits_broken_utf8(text: str) -> None:
     pieces.append(decoder.flush())
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == text
+
+
+def test_streaming_real_byte_fallback_pieces_never_emits_broken_utf8(tmp_path) -> None:
+    import shutil
+
+    from gemma2 import Gemma2Tokenizer
+    from gemma2.assets import gemma_tokenizer_model
+
+    shutil.copyfile(gemma_tokenizer_model(), tmp_path / "tokenizer.model")
+    tok = Gemma2Tokenizer.from_pretrained(tmp_path)
+    text = "rare: \U0001f9ff\U000e0041 \ue000 𓀀𓀁 and ‱ done"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(217 <= i <= 472 for i in ids)  # the string really uses byte-fallback pieces
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == tok.decode(ids) == text
