@@ -249,7 +249,7 @@ def test_chat_stops_cleanly_on_ctrl_c(ckpt: Checkpoint, cache_env: dict[str, str
             proc.wait()
     assert proc.returncode == 0, err.decode()
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err.decode()
-    assert rest == b"\n"
+    assert rest in (b"", b"\n")  # at most the newline that leaves the terminal on a fresh line
 
 
 # -- info ----------------------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             reply = _print_stream(stream(model, tok, history, **kwargs))
             history.append({"role": "assistant", "content": reply})
     except KeyboardInterrupt:
-        sys.stdout.write("\n")
+        sys.stdout.write("\n")  # leave the terminal on a fresh line
+        sys.stdout.flush()
     return 0
 
 
