@@ -272,11 +272,13 @@ class AtomicDirectory:
     say) are hard-linked or copied into the temporary directory, except weight files the new save
     replaces (stale shards of an earlier save), so the temporary directory becomes the complete new
     checkpoint; then the old directory is renamed aside, the new one renamed into place, and the old
-    one deleted. Any failure leaves the old directory as it was.
+    one deleted. Any failure leaves the old directory as it was. With keep_other_files=False the
+    new directory replaces the old one whole.
     """
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, keep_other_files: bool = True) -> None:
         self.target = Path(target)
+        self.keep_other_files = keep_other_files
         tag = uuid.uuid4().hex[:8]
         self.path = self.target.parent / f".{self.target.name}.tmp-{tag}"
         self.backup = self.target.parent / f".{self.target.name}.old-{tag}"
@@ -294,7 +296,8 @@ class AtomicDirectory:
             return
         try:
             if self.target.exists():
-                self._carry_over_other_files()
+                if self.keep_other_files:
+                    self._carry_over_other_files()
                 os.rename(self.target, self.backup)
                 try:
                     os.rename(self.path, self.target)

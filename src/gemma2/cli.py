@@ -4,6 +4,7 @@
     gemma2 chat     [--model M]              interactive multi-turn chat
     gemma2 info     [--model M]              config, parameters, dtype, weight and cache memory
     gemma2 logits   [--model M] [--ids ...]  one forward pass, summarised
+    gemma2 convert  SOURCE --out DIR         original PyTorch / Flax checkpoint -> Hugging Face layout
 
 --model takes a checkpoint directory or a hub id. Without it the commands use the bundled
 default model (see gemma2.default_model) and say so in one line on stderr.
@@ -196,6 +197,27 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gemma2.convert import convert_checkpoint
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", None: None}[args.dtype]
+    summary = convert_checkpoint(
+        args.source,
+        args.out,
+        format=args.format,
+        variant=args.variant,
+        instruct=args.instruct,
+        tokenizer=args.tokenizer,
+        dtype=dtype,
+        config=args.config,
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet,
+    )
+    print(summary.line())
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
@@ -240,6 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="config, parameter count, dtype, weight and KV-cache memory")
     info.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     info.set_defaults(run=cmd_info)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert an original Gemma 2 checkpoint (PyTorch or Flax/Orbax) to the Hugging Face layout",
+        description="Convert Google's original Gemma 2 checkpoint SOURCE (model.ckpt, a directory of *.bin "
+        "shards, or an Orbax directory) into a Hugging Face checkpoint directory OUT. The format and variant "
+        "are detected from the files and tensor shapes.",
+    )
+    convert.add_argument("source", help="model.ckpt, a directory of *.bin shards, or a Flax/Orbax directory")
+    convert.add_argument("--out", required=True, help="the Hugging Face directory to write (must be new or empty)")
+    convert.add_argument("--format", choices=["pytorch", "flax"], help="check the detected format")
+    convert.add_argument("--variant", choices=["2b", "9b", "27b"], help="check the detected variant")
+    convert.add_argument("--instruct", action="store_true", help="an instruction-tuned model: stop on <end_of_turn>")
+    convert.add_argument(
+        "--tokenizer", help="Gemma's tokenizer.model, written with tokenizer.json and the chat template"
+    )
+    convert.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="stored dtype (default: the checkpoint's)")
+    convert.add_argument("--config", help="config.json for a checkpoint that is none of the official shapes")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=cmd_convert)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
     logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids (default: <bos> 10..24)")
