@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 from gemma2.checkpoint import SAFE_INDEX, AtomicDirectory, CheckpointReader, parse_size, resolve_dtype
 from gemma2.config import PRESETS, Gemma2Config
 from gemma2.convert import layouts
-from gemma2.convert.sources import Source, SourceTensor, detect_format, read_flax, read_pytorch
+from gemma2.convert.sources import (
+    Source,
+    SourceTensor,
+    detect_format,
+    read_flax,
+    read_pytorch,
+    release_pages,
+)
 from gemma2.errors import CheckpointError, ConfigError
 
 END_OF_TURN = 107
@@ -74,7 +81,12 @@ def _dequantize_int8(source: Source) -> Source:
             def load(w: SourceTensor = tensor, s: SourceTensor = scaler) -> torch.Tensor:
                 return (w.load().float() * s.load().float().reshape(-1, 1)).to(float_dtype)
 
-            out[key] = SourceTensor(tensor.shape, float_dtype, tensor.file, load)
+            def release(w: SourceTensor = tensor, s: SourceTensor = scaler) -> None:
+                for part in (w, s):
+                    if part.release is not None:
+                        part.release()
+
+            out[key] = SourceTensor(tensor.shape, float_dtype, tensor.file, load, release)
         elif not tensor.dtype.is_floating_point:
             raise CheckpointError(f"{tensor.file}: tensor {key!r} is {tensor.dtype} and has no weight_scaler")
         else:
@@ -253,16 +265,38 @@ def _plan_shards(recipes: dict[str, layouts.Recipe], itemsize: int, max_bytes: i
     return shards
 
 
+BLOCK_BYTES = 64 << 20  # rows copied (and checked) at a time
+
+
 def _build(key: str, recipe: layouts.Recipe, tensors: Source, dtype: torch.dtype) -> torch.Tensor:
+    """Build one output tensor, copying and checking it a block of rows at a time.
+
+    Blocks keep memory near the output tensor's own size: the NaN/Inf check's temporaries stay
+    small, and pages of a memory-mapped source are dropped as soon as their rows are copied.
+    """
+    sources = [tensors[name] for name in recipe.sources]
+    mapped = all(source.mapped for source in sources)
     with torch.no_grad():
-        tensor = recipe.build(*(tensors[name].load() for name in recipe.sources))
-        tensor = tensor.to(dtype).contiguous().clone()
-    if tuple(tensor.shape) != recipe.shape:
-        raise CheckpointError(f"{key}: built shape {list(tensor.shape)}, expected {list(recipe.shape)}")
-    if not bool(torch.isfinite(tensor).all()):
-        sources = ", ".join(recipe.sources)
-        raise CheckpointError(f"{tensors[recipe.sources[0]].file}: {sources} holds NaN or Inf values (for {key})")
-    return tensor
+        view = recipe.build(*(source.load() for source in sources))
+        if tuple(view.shape) != recipe.shape:
+            raise CheckpointError(f"{key}: built shape {list(view.shape)}, expected {list(recipe.shape)}")
+        out = torch.empty(view.shape, dtype=dtype)
+        rows = view.shape[0] if view.dim() > 0 else 1
+        row_bytes = max(1, view[0].numel() * view.element_size()) if view.dim() > 1 else BLOCK_BYTES
+        block = max(1, BLOCK_BYTES // row_bytes)
+        for lo in range(0, rows, block):
+            part = view[lo : lo + block] if view.dim() > 0 else view
+            target = out[lo : lo + block] if view.dim() > 0 else out
+            target.copy_(part)
+            if not bool(torch.isfinite(target).all()):
+                names = ", ".join(recipe.sources)
+                raise CheckpointError(f"{sources[0].file}: {names} holds NaN or Inf values (for {key})")
+            if mapped and part.is_contiguous():
+                release_pages(part)
+    for source in sources:
+        if source.release is not None:
+            source.release()
+    return out
 
 
 def _verify_written(directory: Path, recipes: dict[str, layouts.Recipe]) -> None:

@@ -33,6 +33,10 @@ class SourceTensor:
     dtype: torch.dtype
     file: Path
     load: Callable[[], torch.Tensor]
+    # Drops the tensor's memory-mapped pages once it has been converted (None: nothing to drop).
+    release: Callable[[], None] | None = None
+    # load() returns a view of a private file mapping, whose pages may be dropped after reading.
+    mapped: bool = False
 
 
 Source = dict[str, SourceTensor]
@@ -65,16 +69,17 @@ def detect_format(path: Path) -> str:
 # PyTorch
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path) -> tuple[Any, bool]:
+    """The loaded object, and whether its tensors are memory-mapped from the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as error:
         if "mmap" not in str(error) and "zip" not in str(error).lower():
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
     except Exception as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
     try:  # the legacy (non-zip) format cannot be memory-mapped: read it whole
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
 
@@ -115,13 +120,43 @@ def _constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: tensor  # memory-mapped: its bytes are read when the tensor is first used
 
 
+def _releaser(tensor: torch.Tensor) -> Callable[[], None]:
+    return lambda: release_pages(tensor)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel a memory-mapped tensor's pages are no longer needed (only for file mappings:
+    on ordinary memory MADV_DONTNEED would zero the data).
+
+    Pages of a memory-mapped checkpoint stay in the process's resident set once read, so a
+    conversion that reads every tensor would end up holding the whole file. The mapping is private
+    and never written, so dropping the pages is safe: a later read faults them in from the file
+    (usually from the page cache). A no-op where madvise is unavailable.
+    """
+    try:
+        import ctypes
+        import mmap
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = mmap.PAGESIZE
+        start = tensor.data_ptr()
+        stop = start + tensor.numel() * tensor.element_size()
+        first, last = (start + page - 1) // page * page, stop // page * page  # whole pages only
+        if last > first:
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
+
+
 def read_pytorch(path: Path) -> Source:
     source: Source = {}
     for file in pytorch_files(path):
-        for key, tensor in _state_dict_of(file, _torch_load(file)).items():
+        loaded, mapped = _torch_load(file)
+        for key, tensor in _state_dict_of(file, loaded).items():
             if key in source:
                 raise CheckpointError(f"{file}: tensor {key!r} also appears in {source[key].file.name}")
-            source[key] = SourceTensor(tuple(tensor.shape), tensor.dtype, file, _constant(tensor))
+            release = _releaser(tensor) if mapped else None
+            source[key] = SourceTensor(tuple(tensor.shape), tensor.dtype, file, _constant(tensor), release, mapped)
     return source
 
 
