@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from gemma2.checkpoint import SAFE_INDEX, AtomicDirectory, CheckpointReader, parse_size, resolve_dtype
 from gemma2.config import PRESETS, Gemma2Config
@@ -38,6 +37,7 @@ from gemma2.convert.sources import (
 from gemma2.errors import CheckpointError, ConfigError
 
 END_OF_TURN = 107
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 @dataclass
@@ -217,11 +217,14 @@ def convert_checkpoint(
             names = ["model.safetensors"]
         weight_map: dict[str, str] = {}
         for name, keys in zip(names, shards):
-            shard = {key: _build(key, recipes[key], tensors, out_dtype) for key in keys}
-            save_file(shard, str(scratch / name), metadata={"format": "pt"})
+            shapes = {key: recipes[key].shape for key in keys}
+            with SafetensorsStreamWriter(scratch / name, shapes, out_dtype) as writer:
+                for key in keys:
+                    tensor = _build(key, recipes[key], tensors, out_dtype)
+                    writer.write(key, tensor)
+                    bar.update(1, tensor.numel() * tensor.element_size())
+                    del tensor
             weight_map.update({key: name for key in keys})
-            bar.update(len(keys), sum(t.numel() * t.element_size() for t in shard.values()))
-            del shard
         if len(shards) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             (scratch / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -309,6 +312,48 @@ def _verify_written(directory: Path, recipes: dict[str, layouts.Recipe]) -> None
             raise CheckpointError(f"{directory}: written {key!r} has shape {list(reader.shape(key))}")
 
 
+class SafetensorsStreamWriter:
+    """Write a safetensors file one tensor at a time, so only one tensor is ever in memory.
+
+    safetensors' own save_file needs every tensor of a file at once; the format itself is simple
+    (an 8-byte little-endian header length, a JSON header of names, dtypes, shapes and byte
+    offsets padded to 8 bytes, then the raw data), and all shapes are known before converting, so
+    the header is written first and each tensor is appended as soon as it is built.
+    """
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> None:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"cannot store {dtype} (use bfloat16, float16 or float32)")
+        self.path, self.dtype, self.order = path, dtype, list(shapes)
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape in shapes.items():
+            size = _numel(shape) * dtype.itemsize
+            offsets = [offset, offset + size]
+            header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": offsets}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        self.header = text + b" " * (-len(text) % 8)
+        self.next = 0
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        self.file = open(self.path, "wb")  # closed in __exit__
+        self.file.write(len(self.header).to_bytes(8, "little") + self.header)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self.next >= len(self.order) or key != self.order[self.next] or tensor.dtype != self.dtype:
+            raise CheckpointError(f"{self.path}: tensor {key!r} written out of order or with dtype {tensor.dtype}")
+        if tensor.numel():
+            tensor.contiguous().view(torch.uint8).numpy().tofile(self.file)  # no copy of the data
+        self.next += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+        if exc[0] is None and self.next != len(self.order):
+            raise CheckpointError(f"{self.path}: only {self.next} of {len(self.order)} tensors were written")
+
+
 class _Progress:
     def __init__(self, tensors: int, total_bytes: int, enabled: bool) -> None:
         self.bar: Any = None
@@ -320,6 +365,7 @@ class _Progress:
         self.total = total_bytes
 
     def update(self, tensors: int, written: int) -> None:
+        """Count tensors done and bytes written."""
         self.written += written
         if self.bar is not None:
             self.bar.update(tensors)
