@@ -167,10 +167,12 @@ def read_pytorch(path: Path) -> Source:
 def _numpy_to_torch(array: Any) -> torch.Tensor:
     import numpy as np
 
-    array = np.asarray(array)
-    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: reinterpret the bits
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # torch wants writable memory; restored arrays usually are
+        array = array.copy()
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: reinterpret the bits, no copy
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
