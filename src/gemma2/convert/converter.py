@@ -95,19 +95,11 @@ def _dequantize_int8(source: Source) -> Source:
 
 
 def _choose_config(
-    arch: layouts.Architecture, variant: str | None, config_path: Path | None, where: Path
+    arch: layouts.Architecture, variant: str | None, config_path: Path | None, where: Path, padded_vocab: bool
 ) -> tuple[Gemma2Config, str]:
-    if config_path is not None:
-        config = Gemma2Config.from_json_file(config_path)
-        if not arch.matches(config):
-            raise ConfigError(
-                f"{config_path}: does not fit the checkpoint at {where} ({arch.describe()}; the config says "
-                f"d={config.hidden_size}, F={config.intermediate_size}, {config.num_hidden_layers} layers, "
-                f"H={config.num_attention_heads}, K={config.num_key_value_heads}, D={config.head_dim}, "
-                f"vocab {config.vocab_size})"
-            )
-        return config, layouts.official_variant(arch) or "custom"
-    detected = layouts.official_variant(arch)
+    """The architecture to write: --config (checked against the shapes), else the official variant
+    the shapes match (checked against --variant)."""
+    detected = layouts.official_variant(arch, padded_vocab)
     if variant is not None:
         if variant not in layouts.PRESET_BY_VARIANT:
             raise ConfigError(f"--variant {variant!r} is not one of {sorted(layouts.PRESET_BY_VARIANT)}")
@@ -116,6 +108,16 @@ def _choose_config(
                 f"{where}: --variant {variant} does not fit the tensor shapes ({arch.describe()})"
                 + (f"; they are those of {detected}" if detected else "")
             )
+    if config_path is not None:
+        config = Gemma2Config.from_json_file(config_path)
+        if not arch.matches(config, padded_vocab):
+            raise ConfigError(
+                f"{config_path}: does not fit the checkpoint at {where} ({arch.describe()}; the config says "
+                f"d={config.hidden_size}, F={config.intermediate_size}, {config.num_hidden_layers} layers, "
+                f"H={config.num_attention_heads}, K={config.num_key_value_heads}, D={config.head_dim}, "
+                f"vocab {config.vocab_size})"
+            )
+        return config, detected or "custom"
     if detected is None:
         raise CheckpointError(
             f"{where}: the tensor shapes fit no official Gemma 2 variant ({arch.describe()}); "
@@ -191,12 +193,14 @@ def convert_checkpoint(
         arch = layouts.pytorch_architecture(tensors)
     else:
         arch = layouts.flax_architecture(tensors)
-    model_config, variant_name = _choose_config(arch, variant, Path(config) if config else None, source_path)
+    padded_vocab = detected_format == "flax"  # only the Flax embedding carries padding rows
+    config_path = Path(config) if config else None
+    model_config, variant_name = _choose_config(arch, variant, config_path, source_path, padded_vocab)
     if detected_format == "pytorch":
         _check_source(tensors, layouts.pytorch_source_shapes(model_config, arch.vocab_rows))
         recipes = layouts.pytorch_recipes(tensors, model_config)
     else:
-        official = variant_name if variant_name != "custom" else variant
+        official = variant_name if variant_name != "custom" else None
         transposed = layouts.flax_gating_transposed(tensors, model_config, official)
         _check_source(tensors, layouts.flax_source_shapes(model_config, arch.vocab_rows, transposed))
         recipes = layouts.flax_recipes(model_config, transposed)

@@ -52,7 +52,9 @@ class Architecture:
     num_key_value_heads: int | None = None
     head_dim: int | None = None
 
-    def matches(self, config: Gemma2Config) -> bool:
+    def matches(self, config: Gemma2Config, padded_vocab: bool) -> bool:
+        """Whether the shapes are those of `config`; the embedding may have extra (padding) rows
+        only in layouts that pad it (Flax: 256128 rows for 256000 tokens)."""
         H, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         return (
             self.hidden_size == config.hidden_size
@@ -63,7 +65,7 @@ class Architecture:
             and self.num_attention_heads in (None, H)
             and self.num_key_value_heads in (None, K)
             and self.head_dim in (None, D)
-            and self.vocab_rows >= config.vocab_size
+            and (self.vocab_rows >= config.vocab_size if padded_vocab else self.vocab_rows == config.vocab_size)
         )
 
     def describe(self) -> str:
@@ -76,9 +78,9 @@ class Architecture:
         )
 
 
-def official_variant(arch: Architecture) -> str | None:
+def official_variant(arch: Architecture, padded_vocab: bool) -> str | None:
     for variant, preset in PRESET_BY_VARIANT.items():
-        if arch.matches(Gemma2Config(**PRESETS[preset])):
+        if arch.matches(Gemma2Config(**PRESETS[preset]), padded_vocab):
             return variant
     return None
 
@@ -221,10 +223,11 @@ def flax_gating_transposed(source: Source, config: Gemma2Config, variant: str | 
     d, F = config.hidden_size, config.intermediate_size
     shape = _need(source, "transformer/layer_0/mlp/gating_einsum/w")
     if d == F:
+        # Square gating kernels cannot show their layout; only the official variants say which it is.
         if variant is None:
             raise CheckpointError(
-                "hidden_size equals intermediate_size, so the gating layout is ambiguous: pass --variant 2b "
-                "([2, d, F]) or 9b ([2, F, d])"
+                "hidden_size equals intermediate_size, so the layout of 'mlp/gating_einsum/w' ([2, d, F] in 2B, "
+                "[2, F, d] in 9B/27B) cannot be told from its shape"
             )
         return variant == "2b"
     if shape == (2, d, F):

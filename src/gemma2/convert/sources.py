@@ -75,13 +75,20 @@ def _torch_load(path: Path) -> tuple[Any, bool]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as error:
         if "mmap" not in str(error) and "zip" not in str(error).lower():
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
     try:  # the legacy (non-zip) format cannot be memory-mapped: read it whole
         return torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    """torch's load errors run to many lines of advice; the first says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _state_dict_of(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
