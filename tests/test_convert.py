@@ -474,8 +474,13 @@ def test_tokenizer_files_and_instruct(tmp_path: Path) -> None:
     ours_chat = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     theirs_chat = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert ours_chat == theirs_chat and "<start_of_turn>model\n" in ours_chat
-    model = gemma2.Gemma2ForCausalLM.from_pretrained(out)
-    assert model.generation_config is not None
+    model = gemma2.Gemma2ForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.generation_config["eos_token_id"] == [1, 107]
+    # The converted directory runs in `gemma2 generate` as it does in the library.
+    expected = "".join(gemma2.stream(model, ours, [{"role": "user", "content": "Hi there"}], max_new_tokens=5))
+    result = run_cli("generate", "--model", out, "--chat", "--max-new-tokens", "5", "--dtype", "fp32", "Hi there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
