@@ -228,35 +228,43 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def shard_state_dict(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Split tensors, in order, into shards of at most max_shard_bytes (one big tensor per shard)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Split keys, in order, into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
     used = 0
-    for key, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+    for key, size in sizes.items():
         if shards[-1] and used + size > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             used = 0
-        shards[-1][key] = tensor
+        shards[-1].append(key)
         used += size
     return shards
 
 
+def shard_file_names(count: int) -> list[str]:
+    """model.safetensors, or model-00001-of-0000N.safetensors ... for N shards."""
+    if count == 1:
+        return [SAFE_WEIGHTS]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[str]:
     """Write tensors as model.safetensors or numbered shards plus index; return the file names."""
-    shards = shard_state_dict(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
-        return [SAFE_WEIGHTS]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    sizes = {key: t.numel() * t.element_size() for key, t in tensors.items()}
+    shards = plan_shards(sizes, max_shard_bytes)
+    names = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
-    for name, shard in zip(names, shards):
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    for name, keys in zip(names, shards):
+        save_file({key: tensors[key] for key in keys}, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({key: name for key in keys})
+    if len(shards) == 1:
+        return names
+    write_index(directory, weight_map, sum(sizes.values()))
     return [*names, SAFE_INDEX]
 
 

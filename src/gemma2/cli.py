@@ -13,6 +13,7 @@ default model (see gemma2.default_model) and say so in one line on stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,9 +153,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     params = weight_bytes = 0
     dtypes: set[str] = set()
     for key in reader.keys():
-        count = 1
-        for n in reader.shape(key):
-            count *= n
+        count = math.prod(reader.shape(key))
         params += count
         dtype = reader.dtype(key)
         weight_bytes += count * dtype.itemsize

@@ -15,6 +15,7 @@ The steps, each failing with an error that names the file and the tensor or fiel
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from typing import Any
 
 import torch
 
-from gemma2.checkpoint import SAFE_INDEX, AtomicDirectory, CheckpointReader, parse_size, resolve_dtype
+from gemma2.checkpoint import (
+    AtomicDirectory,
+    CheckpointReader,
+    parse_size,
+    plan_shards,
+    resolve_dtype,
+    shard_file_names,
+    write_index,
+)
 from gemma2.config import PRESETS, Gemma2Config
 from gemma2.convert import layouts
 from gemma2.convert.sources import (
@@ -212,13 +221,12 @@ def convert_checkpoint(
     eos: int | list[int] = [1, END_OF_TURN] if instruct else 1
     model_config = model_config.replace(architectures=["Gemma2ForCausalLM"], dtype=dtype_name, eos_token_id=eos)
 
-    shards = _plan_shards(recipes, out_dtype.itemsize, max_bytes)
-    total_bytes = sum(_numel(r.shape) * out_dtype.itemsize for r in recipes.values())
+    sizes = {key: math.prod(recipe.shape) * out_dtype.itemsize for key, recipe in recipes.items()}
+    shards = plan_shards(sizes, max_bytes)
+    total_bytes = sum(sizes.values())
     bar = _Progress(len(recipes), total_bytes, progress)
     with AtomicDirectory(out, keep_other_files=False) as scratch:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        if len(shards) == 1:
-            names = ["model.safetensors"]
+        names = shard_file_names(len(shards))
         weight_map: dict[str, str] = {}
         for name, keys in zip(names, shards):
             shapes = {key: recipes[key].shape for key in keys}
@@ -230,8 +238,7 @@ def convert_checkpoint(
                     del tensor
             weight_map.update({key: name for key in keys})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-            (scratch / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(scratch, weight_map, total_bytes)
         (scratch / "config.json").write_text(model_config.to_json_string())
         generation = {"bos_token_id": 2, "eos_token_id": eos, "pad_token_id": 0, "cache_implementation": "hybrid"}
         (scratch / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -239,7 +246,7 @@ def convert_checkpoint(
             gemma_tokenizer.save_pretrained(scratch)
         _verify_written(scratch, recipes)
     bar.close()
-    parameters = sum(_numel(r.shape) for r in recipes.values())
+    parameters = sum(math.prod(r.shape) for r in recipes.values())
     return ConversionSummary(
         out,
         variant_name,
@@ -250,26 +257,6 @@ def convert_checkpoint(
         len(shards),
         time.perf_counter() - start,
     )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
-
-
-def _plan_shards(recipes: dict[str, layouts.Recipe], itemsize: int, max_bytes: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, recipe in recipes.items():
-        size = _numel(recipe.shape) * itemsize
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += size
-    return shards
 
 
 BLOCK_BYTES = 64 << 20  # rows copied (and checked) at a time
@@ -332,7 +319,7 @@ class SafetensorsStreamWriter:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for key, shape in shapes.items():
-            size = _numel(shape) * dtype.itemsize
+            size = math.prod(shape) * dtype.itemsize
             offsets = [offset, offset + size]
             header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": offsets}
             offset += size
