@@ -1,0 +1,1 @@
+"""Recipes that build the project's own artefacts (the bundled demo model)."""
