@@ -20,7 +20,7 @@ venv: $(BIN)/.installed
 
 # The main job: stream a completion from the default model.
 run: venv
-	$(BIN)/gemma2 generate "Why is the sky blue?"
+	$(BIN)/gemma2 generate --repetition-penalty 1.1 --max-new-tokens 80 "os.path.join(a, *p)"
 
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not gpu"

@@ -29,7 +29,7 @@ from gemma2 import Gemma2ForCausalLM, Gemma2Tokenizer
 from gemma2.assets import gemma_tokenizer_model
 from gemma2.cache import cache_memory_bytes
 from gemma2.cli import main
-from gemma2.default_model import NOTICE
+from gemma2.default_model import BUNDLED, BUNDLED_NOTICE, RANDOM_NOTICE
 
 GEMMA2 = Path(sys.executable).parent / "gemma2"
 N = 6  # new tokens per generation: enough to tell outputs apart, cheap with a 256000-token vocabulary
@@ -281,22 +281,36 @@ def test_info_reports_parameters_dtype_weights_and_cache(ckpt: Checkpoint, cache
 # -- the default model ---------------------------------------------------------------------------
 
 
-def test_generate_without_model_uses_the_default_and_says_it_is_random(cache_env: dict[str, str]) -> None:
-    result = run_cli(cache_env, "generate", "hello", "--max-new-tokens", "5", timeout=300)  # may build it
+def test_generate_without_model_uses_the_bundled_demo_model(cache_env: dict[str, str]) -> None:
+    result = run_cli(cache_env, "generate", "The for statement", "--max-new-tokens", "12", timeout=300)
     assert result.code == 0, result
-    assert result.out.endswith("\n") and result.out.strip()
-    lines = result.err.splitlines()
-    assert len(lines) == 1, result.err
-    assert "random" in lines[0] and lines[0] == NOTICE
-    assert (Path(cache_env["GEMMA2_CACHE"]) / "random-tiny-gemma2-v1" / "model.safetensors").exists()
+    assert result.err.splitlines() == [BUNDLED_NOTICE]
+    model = Gemma2ForCausalLM.from_pretrained(BUNDLED, dtype=torch.bfloat16)
+    expected = "".join(
+        gemma2.stream(model, Gemma2Tokenizer.from_pretrained(BUNDLED), "The for statement", max_new_tokens=12)
+    )
+    assert result.out == expected + "\n"
+
+
+def test_the_random_fallback_when_no_model_is_bundled(
+    monkeypatch: pytest.MonkeyPatch, cache_env: dict[str, str]
+) -> None:
+    import gemma2.default_model as default
+
+    monkeypatch.setenv("GEMMA2_CACHE", cache_env["GEMMA2_CACHE"])
+    monkeypatch.setattr(default, "BUNDLED", Path(cache_env["GEMMA2_CACHE"]) / "no-such-bundle")
+    directory, notice = default.default_model()
+    assert notice == RANDOM_NOTICE and "random" in notice
+    assert directory == Path(cache_env["GEMMA2_CACHE"]) / "random-tiny-gemma2-v1"
+    assert Gemma2Tokenizer.from_pretrained(directory).vocab_size == 256000
 
 
 def test_info_without_model(cache_env: dict[str, str]) -> None:
     result = run_cli(cache_env, "info", timeout=300)
     assert result.code == 0, result
-    assert result.err.splitlines() == [NOTICE]
-    assert f"checkpoint: {Path(cache_env['GEMMA2_CACHE']) / 'random-tiny-gemma2-v1'}" in result.out
-    assert "stored dtype: bfloat16" in result.out and '"vocab_size": 256000' in result.out
+    assert result.err.splitlines() == [BUNDLED_NOTICE]
+    assert f"checkpoint: {BUNDLED}" in result.out
+    assert "stored dtype: bfloat16" in result.out and '"vocab_size": 8000' in result.out
 
 
 # -- errors --------------------------------------------------------------------------------------

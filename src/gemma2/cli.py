@@ -36,10 +36,11 @@ def _model_dir(args: argparse.Namespace) -> Path:
     from gemma2.checkpoint import resolve_checkpoint_dir
 
     if args.model is None:
-        from gemma2.default_model import NOTICE, default_model_dir
+        from gemma2.default_model import default_model
 
-        print(NOTICE, file=sys.stderr)
-        return default_model_dir()
+        directory, notice = default_model()
+        print(notice, file=sys.stderr)
+        return directory
     return resolve_checkpoint_dir(args.model)
 
 

@@ -26,13 +26,19 @@ class PackedRows:
         return self.input_ids.shape[0]
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "position_ids": self.position_ids[index], "labels": self.labels[index]}
+        return {
+            "input_ids": self.input_ids[index],
+            "position_ids": self.position_ids[index],
+            "labels": self.labels[index],
+        }
 
     def tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def pack_documents(documents: Iterable[list[int]], seq_len: int, bos_token_id: int, pad_token_id: int = 0) -> PackedRows:
+def pack_documents(
+    documents: Iterable[list[int]], seq_len: int, bos_token_id: int, pad_token_id: int = 0
+) -> PackedRows:
     """Pack tokenised documents (without <bos>; it is added here) into rows of seq_len tokens."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")

@@ -16,7 +16,9 @@ import torch.utils.checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None
+) -> torch.Tensor:
     logits = (hidden @ weight.T).float()
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap

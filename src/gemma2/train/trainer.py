@@ -131,7 +131,9 @@ def train_causal_lm(
             value = evaluate(model, eval_rows, settings.batch_size, settings.eval_batches)
             log(f"step {step + 1}: eval loss {value:.3f}, perplexity {math.exp(value):.1f}")
         if settings.max_seconds is not None and elapsed > settings.max_seconds:
-            log(f"stopping at step {step + 1} of {settings.max_steps}: the {settings.max_seconds:.0f} s budget is spent")
+            log(
+                f"stopping at step {step + 1} of {settings.max_steps}: the {settings.max_seconds:.0f} s budget is spent"
+            )
             break
     if bar is not None:
         bar.close()

@@ -1,0 +1,129 @@
+"""Training pieces: the chunked loss, document packing, the schedule and the loop itself."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from gemma2 import Gemma2ForCausalLM
+from gemma2.train.data import IGNORE_INDEX, pack_documents
+from gemma2.train.loss import chunked_causal_lm_loss
+from gemma2.train.trainer import TrainSettings, causal_lm_loss, learning_rate, train_causal_lm
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 4096])
+@pytest.mark.parametrize("cap", [30.0, 3.0, None])
+def test_chunked_loss_and_gradients_equal_the_plain_loss(chunk: int, cap: float | None) -> None:
+    config = tiny_config(final_logit_softcapping=cap)
+    model = randomize_(Gemma2ForCausalLM(config), std=0.2)
+    ids = torch.randint(1, config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(chunk))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, 7] = IGNORE_INDEX
+    plain = model(ids, labels=labels).loss
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden = model.model(ids).last_hidden_state
+    chunked = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, cap, chunk_size=chunk)
+    chunked.backward()
+    assert abs(chunked.item() - plain.item()) <= 1e-5
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-5), name
+
+
+def test_chunked_loss_without_targets_is_zero_and_differentiable() -> None:
+    model = Gemma2ForCausalLM(tiny_config())
+    hidden = model.model(torch.tensor([[1, 2, 3]])).last_hidden_state
+    loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, torch.full((1, 3), IGNORE_INDEX), 30.0)
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_packing_starts_every_document_with_bos_and_masks_boundaries() -> None:
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16]]
+    rows = pack_documents(docs, seq_len=6, bos_token_id=2, pad_token_id=0)
+    x = IGNORE_INDEX
+    # A document that does not fit the rest of a row starts the next one (the rest is padding);
+    # one longer than a row continues in the next row, its positions restarting there.
+    assert rows.input_ids.tolist() == [
+        [2, 5, 6, 7, 0, 0],
+        [2, 8, 9, 0, 0, 0],
+        [2, 10, 11, 12, 13, 14],
+        [15, 16, 0, 0, 0, 0],
+    ]
+    assert rows.position_ids.tolist() == [
+        [0, 1, 2, 3, 0, 1],
+        [0, 1, 2, 0, 1, 2],
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 0, 1, 2, 3],
+    ]
+    assert rows.labels.tolist() == [
+        [x, 5, 6, 7, x, x],
+        [x, 8, 9, x, x, x],
+        [x, 10, 11, 12, 13, 14],
+        [x, 16, x, x, x, x],
+    ]
+    assert rows.tokens() == 11
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_documents(docs, seq_len=1, bos_token_id=2)
+    with pytest.raises(ValueError, match="empty"):
+        pack_documents([[], []], seq_len=4, bos_token_id=2)
+
+
+def test_packed_documents_do_not_see_each_other() -> None:
+    """The loss of a packed row is the token-weighted loss of its documents run alone."""
+    config = tiny_config(sliding_window=3)
+    model = randomize_(Gemma2ForCausalLM(config), std=0.2).eval()
+    docs = [[5, 6, 7, 8], [9, 10, 11, 12, 13], [14, 15]]
+    rows = pack_documents(docs, seq_len=16, bos_token_id=2)
+    assert len(rows) == 1
+    with torch.no_grad():
+        packed = causal_lm_loss(model, rows.batch(torch.arange(1))).item()
+        total, count = 0.0, 0
+        for doc in docs:
+            ids = torch.tensor([[2, *doc]])
+            total += model(ids, labels=ids).loss.item() * len(doc)
+            count += len(doc)
+    assert abs(packed - total / count) <= 1e-5
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    settings = TrainSettings(max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    rates = [learning_rate(step, settings) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(rates[10:]))
+    assert learning_rate(100, settings) == pytest.approx(1e-4)
+
+
+def test_training_overfits_a_tiny_batch() -> None:
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=64, sliding_window=4)
+    model = Gemma2ForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(3, 64, (12,), generator=g).tolist() for _ in range(4)]
+    rows = pack_documents(docs, seq_len=13, bos_token_id=2)
+    before = math.exp(causal_lm_loss(model.eval(), rows.batch(torch.arange(len(rows)))).item())
+    settings = TrainSettings(max_steps=300, batch_size=4, lr=1e-2, warmup_steps=10, weight_decay=0.0, progress=False)
+    result = train_causal_lm(model, rows, settings, eval_rows=rows)
+    assert before > 30
+    # After <bos> nothing tells the 4 documents apart: their first tokens cost ln(4) each, an
+    # irreducible ln(4) / 12 per token on average; everything else is memorised.
+    floor = math.log(4) / 12
+    assert floor <= result["eval_loss"] < floor + 0.05
+    assert result["steps"] == 300
+
+
+def test_bf16_autocast_training_runs_and_learns() -> None:
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=64)
+    model = Gemma2ForCausalLM(config)
+    docs = [list(range(3, 15))] * 4
+    rows = pack_documents(docs, seq_len=13, bos_token_id=2)
+    settings = TrainSettings(max_steps=60, batch_size=4, lr=3e-3, warmup_steps=5, bf16=True, progress=False)
+    result = train_causal_lm(model, rows, settings, eval_rows=rows)
+    assert result["eval_loss"] < 1.0
