@@ -27,8 +27,9 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-CONFIG = dict(
+CONFIG: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=1024,
     num_hidden_layers=6,
