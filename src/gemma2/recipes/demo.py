@@ -1,6 +1,6 @@
 """The recipe of the bundled demo model: a small Gemma 2 trained from scratch on Python's own docs.
 
-    python -m gemma2.recipes.demo --out DIR [--minutes 40] [--seed 0]
+    python -m gemma2.recipes.demo --out DIR [--minutes 30] [--max-steps 1000] [--seed 0]
 
 1. Corpus (every machine with Python has it; Python Software Foundation License): the language
    reference topics in the standard library's `pydoc_data.topics`, and the docstrings of the
@@ -202,8 +202,8 @@ def build(out: Path, minutes: float, seed: int, max_steps: int) -> dict[str, flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--minutes", type=float, default=40.0, help="wall-time budget for the whole recipe")
-    parser.add_argument("--max-steps", type=int, default=6000)
+    parser.add_argument("--minutes", type=float, default=30.0, help="wall-time budget for the whole recipe")
+    parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     result = build(args.out, args.minutes, args.seed, args.max_steps)
