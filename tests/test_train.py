@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -127,3 +128,63 @@ def test_bf16_autocast_training_runs_and_learns() -> None:
     settings = TrainSettings(max_steps=60, batch_size=4, lr=3e-3, warmup_steps=5, bf16=True, progress=False)
     result = train_causal_lm(model, rows, settings, eval_rows=rows)
     assert result["eval_loss"] < 1.0
+
+
+def test_gemma2_train_fine_tunes_and_writes_a_loadable_directory(tmp_path, capsys) -> None:
+    from gemma2 import Gemma2Tokenizer, stream
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Line {i}: the quick brown fox."}) for i in range(40)) + "\n")
+    held = tmp_path / "held.txt"
+    held.write_text("Line 99: the quick brown fox.")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(BUNDLED),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(held),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-3",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "trained 4 steps" in printed and "perplexity" in printed
+    model = Gemma2ForCausalLM.from_pretrained(out)
+    text = "".join(stream(model, Gemma2Tokenizer.from_pretrained(out), "Line 5:", max_new_tokens=5))
+    assert isinstance(text, str) and text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok"}\n{"text": 5}\n', "data.jsonl:2"),
+        ('{"text": "ok"}\nnot json\n', "data.jsonl:2: not valid JSON"),
+        ("\n\n", "no documents"),
+    ],
+)
+def test_bad_data_files_name_the_file_and_line(tmp_path, capsys, content: str, message: str) -> None:
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    code = main(["train", "--model", str(BUNDLED), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gemma2: error:") and message in err
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@
     gemma2 info     [--model M]              config, parameters, dtype, weight and cache memory
     gemma2 logits   [--model M] [--ids ...]  one forward pass, summarised
     gemma2 convert  SOURCE --out DIR         original PyTorch / Flax checkpoint -> Hugging Face layout
+    gemma2 train    --data FILE --out DIR    fine-tune (causal LM, full fine-tuning)
 
 --model takes a checkpoint directory or a hub id. Without it the commands use the bundled
 default model (see gemma2.default_model) and say so in one line on stderr.
@@ -218,6 +219,53 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from gemma2.heads import Gemma2ForCausalLM
+    from gemma2.tokenizer import Gemma2Tokenizer
+    from gemma2.train.data import pack_documents
+    from gemma2.train.datasets import read_text_documents
+    from gemma2.train.trainer import TrainSettings, train_causal_lm
+
+    if args.task != "causal-lm":
+        raise Gemma2Error(f"--task {args.task} is not implemented yet; this version trains causal-lm only")
+    if args.lora_rank:
+        raise Gemma2Error("--lora-rank is not implemented yet; this version does full fine-tuning")
+    directory = _model_dir(args)
+    tok = Gemma2Tokenizer.from_pretrained(directory)
+    encode = tok.backend.encode_batch
+    train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
+    eval_rows = None
+    if args.eval_data:
+        eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
+    steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / (args.batch_size * args.grad_accum)))
+    model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    settings = TrainSettings(
+        max_steps=steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
+        bf16=args.bf16,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    result = train_causal_lm(model, train_rows, settings, eval_rows=eval_rows)
+    stored = next(iter({t.dtype for t in model.state_dict().values()}))
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
+    if "eval_loss" in result:
+        summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
+    print(f"{summary}; saved {stored} weights to {args.out}")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
@@ -284,6 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(run=cmd_convert)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model on your data (causal LM, full fine-tuning)",
+        description="Fine-tune a Gemma 2 checkpoint. --task causal-lm reads a plain-text file (one document) or "
+        'JSONL with one {"text": ...} document per line, packs documents with a <bos> each into --seq-len rows, '
+        "and trains with AdamW, warmup and cosine decay. Writes the model and tokenizer to --out.",
+    )
+    train.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
+    train.add_argument(
+        "--task", default="causal-lm", choices=["causal-lm", "chat", "sequence-classification", "token-classification"]
+    )
+    train.add_argument("--data", required=True, help="training data file")
+    train.add_argument("--eval-data", help="held-out data file: reports loss and perplexity")
+    train.add_argument("--out", required=True, help="directory to write the trained model to")
+    train.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (not implemented yet)")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--seq-len", type=int, default=512)
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay float32)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=cmd_train)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
     logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids (default: <bos> 10..24)")

@@ -1,0 +1,44 @@
+"""Reading training files. Every malformed record is reported with its file and line number.
+
+Causal LM: a plain-text file is one document; a JSONL file holds one {"text": ...} document per line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gemma2.errors import Gemma2Error
+
+
+class DataError(Gemma2Error):
+    """A training data file is missing or malformed."""
+
+
+def read_text_documents(path: str | Path) -> list[str]:
+    """Documents of a .txt file (the whole file) or a .jsonl file ({"text": ...} per line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    if path.suffix not in (".jsonl", ".json"):
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty")
+        return [text]
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path}:{number}: expected an object with a "text" string, got {line[:80]!r}')
+        documents.append(record["text"])
+    if not documents:
+        raise DataError(f"{path}: no documents")
+    return documents
