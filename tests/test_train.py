@@ -188,3 +188,22 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, capsys, content: str, m
     err = capsys.readouterr().err
     assert err.startswith("gemma2: error:") and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma2_train_with_lora_writes_an_adapter_or_merged_weights(tmp_path, capsys) -> None:
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "data.txt"
+    data.write_text("A different text to adapt to. " * 30)
+    common = ["train", "--model", str(BUNDLED), "--data", str(data), "--max-steps", "2", "--seq-len", "32"]
+    assert main([*common, "--out", str(tmp_path / "adapter"), "--lora-rank", "2", "--batch-size", "2"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["peft_type"] == "LORA"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    assert main([*common, "--out", str(tmp_path / "merged"), "--lora-rank", "2", "--merge", "--batch-size", "2"]) == 0
+    merged = Gemma2ForCausalLM.from_pretrained(tmp_path / "merged")
+    base = Gemma2ForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
+    assert merged.num_parameters() == base.num_parameters()
+    assert "LoRA adapter" in capsys.readouterr().out

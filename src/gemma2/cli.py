@@ -5,7 +5,7 @@
     gemma2 info     [--model M]              config, parameters, dtype, weight and cache memory
     gemma2 logits   [--model M] [--ids ...]  one forward pass, summarised
     gemma2 convert  SOURCE --out DIR         original PyTorch / Flax checkpoint -> Hugging Face layout
-    gemma2 train    --data FILE --out DIR    fine-tune (causal LM, full fine-tuning)
+    gemma2 train    --data FILE --out DIR    fine-tune (causal LM; full or LoRA)
 
 --model takes a checkpoint directory or a hub id. Without it the commands use the bundled
 default model (see gemma2.default_model) and say so in one line on stderr.
@@ -232,8 +232,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.task != "causal-lm":
         raise Gemma2Error(f"--task {args.task} is not implemented yet; this version trains causal-lm only")
-    if args.lora_rank:
-        raise Gemma2Error("--lora-rank is not implemented yet; this version does full fine-tuning")
+    if args.lora_rank < 0:
+        raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
     directory = _model_dir(args)
     tok = Gemma2Tokenizer.from_pretrained(directory)
     encode = tok.backend.encode_batch
@@ -245,6 +245,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.lora_rank:
+        from gemma2.train.lora import apply_lora
+
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
     settings = TrainSettings(
         max_steps=steps,
         batch_size=args.batch_size,
@@ -257,8 +261,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     result = train_causal_lm(model, train_rows, settings, eval_rows=eval_rows)
     stored = next(iter({t.dtype for t in model.state_dict().values()}))
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    if args.lora_rank and not args.merge:
+        from gemma2.train.lora import save_adapter
+
+        save_adapter(model, args.out, base_model=str(args.model or directory))
+        tok.save_pretrained(args.out)
+        stored = "LoRA adapter"
+    else:
+        if args.lora_rank:
+            from gemma2.train.lora import merge_lora
+
+            merge_lora(model)
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "eval_loss" in result:
         summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
@@ -335,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="fine-tune a model on your data (causal LM, full fine-tuning)",
+        help="fine-tune a model on your data (causal LM; full or LoRA)",
         description="Fine-tune a Gemma 2 checkpoint. --task causal-lm reads a plain-text file (one document) or "
         'JSONL with one {"text": ...} document per line, packs documents with a <bos> each into --seq-len rows, '
         "and trains with AdamW, warmup and cosine decay. Writes the model and tokenizer to --out.",
@@ -347,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="training data file")
     train.add_argument("--eval-data", help="held-out data file: reports loss and perplexity")
     train.add_argument("--out", required=True, help="directory to write the trained model to")
-    train.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (not implemented yet)")
+    train.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
+    train.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    train.add_argument("--merge", action="store_true", help="with LoRA: write merged weights, not the adapter")
     train.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     train.add_argument("--lr", type=float, default=1e-4)
