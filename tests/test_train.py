@@ -207,3 +207,110 @@ def test_gemma2_train_with_lora_writes_an_adapter_or_merged_weights(tmp_path, ca
     base = Gemma2ForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
     assert merged.num_parameters() == base.num_parameters()
     assert "LoRA adapter" in capsys.readouterr().out
+
+
+def _synthetic_sentiment(path, count: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    good, bad = ["great", "excellent", "lovely", "superb"], ["awful", "terrible", "broken", "dreadful"]
+    filler = ["the", "module", "returns", "a", "list", "of", "values", "when", "called"]
+    lines = []
+    for _ in range(count):
+        label = rng.choice(["positive", "negative"])
+        words = [*rng.sample(filler, 5), rng.choice(good if label == "positive" else bad)]
+        rng.shuffle(words)
+        lines.append(json.dumps({"text": " ".join(words), "label": label}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_sequence_classification_learns_well_above_chance(tmp_path, capsys) -> None:
+    from gemma2 import Gemma2ForSequenceClassification
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    _synthetic_sentiment(tmp_path / "train.jsonl", 200, seed=0)
+    _synthetic_sentiment(tmp_path / "eval.jsonl", 60, seed=1)
+    args = [
+        "train",
+        "--model",
+        str(BUNDLED),
+        "--task",
+        "sequence-classification",
+        "--data",
+        str(tmp_path / "train.jsonl"),
+    ]
+    args += ["--eval-data", str(tmp_path / "eval.jsonl"), "--out", str(tmp_path / "out"), "--max-steps", "40"]
+    assert main([*args, "--batch-size", "16", "--lr", "1e-3", "--seq-len", "32"]) == 0
+    printed = capsys.readouterr().out
+    accuracy = float(printed.split("eval accuracy ")[1].split(",")[0])
+    assert accuracy >= 0.9, printed
+    model = Gemma2ForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_token_classification_trains_from_tokens_and_tags(tmp_path, capsys) -> None:
+    import random
+
+    from gemma2 import Gemma2ForTokenClassification
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    rng = random.Random(0)
+    words = ["open", "file", "path", "list", "read", "value", "data", "name"]
+
+    def write(path, count):
+        lines = []
+        for _ in range(count):
+            tokens = [rng.choice(words) if rng.random() < 0.6 else str(rng.randint(0, 999)) for _ in range(6)]
+            tags = ["NUM" if t.isdigit() else "WORD" for t in tokens]
+            lines.append(json.dumps({"tokens": tokens, "tags": tags}))
+        path.write_text("\n".join(lines) + "\n")
+
+    write(tmp_path / "train.jsonl", 120)
+    write(tmp_path / "eval.jsonl", 30)
+    args = ["train", "--model", str(BUNDLED), "--task", "token-classification", "--data", str(tmp_path / "train.jsonl")]
+    args += ["--eval-data", str(tmp_path / "eval.jsonl"), "--out", str(tmp_path / "out"), "--max-steps", "30"]
+    assert main([*args, "--batch-size", "16", "--lr", "1e-3", "--seq-len", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert float(printed.split("eval accuracy ")[1].split(",")[0]) >= 0.9, printed
+    model = Gemma2ForTokenClassification.from_pretrained(tmp_path / "out")
+    assert set(model.config.id2label.values()) == {"NUM", "WORD"}
+
+
+def test_classification_data_errors_name_the_line(tmp_path, capsys) -> None:
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine", "label": "a"}\n{"text": "no label"}\n')
+    code = main(
+        [
+            "train",
+            "--model",
+            str(BUNDLED),
+            "--task",
+            "sequence-classification",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2 and "data.jsonl:2" in capsys.readouterr().err
+    tags = tmp_path / "tags.jsonl"
+    tags.write_text('{"tokens": ["a", "b"], "tags": ["X"]}\n')
+    code = main(
+        [
+            "train",
+            "--model",
+            str(BUNDLED),
+            "--task",
+            "token-classification",
+            "--data",
+            str(tags),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2 and "tags.jsonl:1" in capsys.readouterr().err

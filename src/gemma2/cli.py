@@ -230,8 +230,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gemma2.train.datasets import read_text_documents
     from gemma2.train.trainer import TrainSettings, train_causal_lm
 
+    if args.task == "chat":
+        raise Gemma2Error(
+            "--task chat is not implemented yet; use causal-lm, sequence-classification or token-classification"
+        )
     if args.task != "causal-lm":
-        raise Gemma2Error(f"--task {args.task} is not implemented yet; this version trains causal-lm only")
+        return _train_classifier(args)
     if args.lora_rank < 0:
         raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
     directory = _model_dir(args)
@@ -278,6 +282,85 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "eval_loss" in result:
         summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
     print(f"{summary}; saved {stored} weights to {args.out}")
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from gemma2.heads import Gemma2ForSequenceClassification, Gemma2ForTokenClassification
+    from gemma2.tokenizer import Gemma2Tokenizer
+    from gemma2.train import classification as cls_data
+    from gemma2.train.trainer import TrainSettings, train
+
+    if args.lora_rank and not args.merge:
+        raise Gemma2Error("LoRA on a classifier needs --merge (the new score layer is trained in full)")
+    directory = _model_dir(args)
+    tok = Gemma2Tokenizer.from_pretrained(directory)
+    sequence = args.task == "sequence-classification"
+
+    def load(path: str) -> tuple[list, list]:
+        if sequence:
+            return cls_data.read_sequence_examples(path)
+        return cls_data.read_token_examples(path)
+
+    inputs, raw_labels = load(args.data)
+    flat = raw_labels if sequence else [tag for tags in raw_labels for tag in tags]
+    label_ids = cls_data.label_map(flat)
+
+    def encode(inputs: list, raw: list) -> cls_data.PaddedExamples:
+        try:
+            if sequence:
+                return cls_data.encode_sequence_examples(tok, inputs, [label_ids[x] for x in raw], args.seq_len)
+            tags = [[label_ids[t] for t in row] for row in raw]
+            return cls_data.encode_token_examples(tok, inputs, tags, args.seq_len)
+        except KeyError as error:
+            raise Gemma2Error(f"{args.eval_data}: label {error} does not occur in the training data") from None
+
+    train_data = encode(inputs, raw_labels)
+    eval_data = encode(*load(args.eval_data)) if args.eval_data else None
+    head = Gemma2ForSequenceClassification if sequence else Gemma2ForTokenClassification
+    id2label = {i: name for name, i in label_ids.items()}
+    model = head.from_pretrained(
+        directory, dtype=torch.float32, num_labels=len(id2label), id2label=id2label, ignore_mismatched_sizes=True
+    )
+    if args.lora_rank:
+        from gemma2.train.lora import apply_lora
+
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
+        for parameter in model.score.parameters():
+            parameter.requires_grad_(True)
+    steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_data) / (args.batch_size * args.grad_accum)))
+    settings = TrainSettings(
+        max_steps=steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
+        bf16=args.bf16,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    metrics = None
+    if eval_data is not None:
+        data = eval_data
+
+        def metrics(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
+            return cls_data.classification_metrics(m, data, args.batch_size)
+
+    result = train(model, train_data, settings, cls_data.classification_loss, metrics)
+    if args.lora_rank:
+        from gemma2.train.lora import merge_lora
+
+        merge_lora(model)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
+    if "accuracy" in result:
+        summary += f", eval accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}"
+    print(f"{summary}; {len(id2label)} labels; saved to {args.out}")
     return 0
 
 
@@ -352,8 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="fine-tune a model on your data (causal LM; full or LoRA)",
         description="Fine-tune a Gemma 2 checkpoint. --task causal-lm reads a plain-text file (one document) or "
-        'JSONL with one {"text": ...} document per line, packs documents with a <bos> each into --seq-len rows, '
-        "and trains with AdamW, warmup and cosine decay. Writes the model and tokenizer to --out.",
+        'JSONL with one {"text": ...} document per line, packs documents with a <bos> each into --seq-len rows. '
+        '--task sequence-classification reads JSONL {"text", "label"} or CSV text,label; --task '
+        'token-classification reads JSONL {"tokens": [...], "tags": [...]}. AdamW, warmup and cosine decay. '
+        "Writes the model and tokenizer to --out.",
     )
     train.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     train.add_argument(

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 
@@ -74,6 +75,14 @@ def evaluate(model: Gemma2ForCausalLM, rows: PackedRows, batch_size: int, max_ba
     return total / max(1, count)
 
 
+class Batches(Protocol):
+    """Training data: a length and a way to build the batch of given example indices."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
 def train_causal_lm(
     model: Gemma2ForCausalLM,
     rows: PackedRows,
@@ -81,11 +90,31 @@ def train_causal_lm(
     eval_rows: PackedRows | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Train in place; returns the final train loss, eval loss and tokens per second."""
+    """Train a causal LM in place; returns the final train loss, eval loss / perplexity and tokens per second."""
+
+    def evaluate_rows(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
+        assert eval_rows is not None and isinstance(m, Gemma2ForCausalLM)
+        loss = evaluate(m, eval_rows, settings.batch_size, limit)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+    loss_fn = cast(Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor], causal_lm_loss)
+    return train(model, rows, settings, loss_fn, evaluate_rows if eval_rows is not None else None, log)
+
+
+def train(
+    model: torch.nn.Module,
+    data: Batches,
+    settings: TrainSettings,
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    eval_fn: Callable[[torch.nn.Module, int | None], dict[str, float]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """The loop for any head: loss_fn(model, batch) gives the loss, eval_fn(model, max_batches) the metrics."""
     log = log or (lambda text: print(text, file=sys.stderr))
     generator = torch.Generator().manual_seed(settings.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr,
@@ -97,7 +126,8 @@ def train_causal_lm(
 
         bar = tqdm(total=settings.max_steps, desc="training", file=sys.stderr, dynamic_ncols=True)
     model.train()
-    order = torch.randperm(len(rows), generator=generator)
+    batch_size = min(settings.batch_size, len(data))
+    order = torch.randperm(len(data), generator=generator)
     cursor = 0
     start = time.perf_counter()
     tokens_seen = 0
@@ -109,16 +139,17 @@ def train_causal_lm(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(settings.grad_accum):
-            if cursor + settings.batch_size > len(order):
-                order, cursor = torch.randperm(len(rows), generator=generator), 0
-            batch = rows.batch(order[cursor : cursor + settings.batch_size])
-            cursor += settings.batch_size
+            if cursor + batch_size > len(order):
+                order, cursor = torch.randperm(len(data), generator=generator), 0
+            batch = data.batch(order[cursor : cursor + batch_size])
+            cursor += batch_size
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                loss = causal_lm_loss(model, batch) / settings.grad_accum
+                loss = loss_fn(model, batch) / settings.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
-            tokens_seen += int((batch["labels"] != -100).sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            counted = batch.get("attention_mask", batch["labels"] != -100)
+            tokens_seen += int(counted.sum())
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], settings.max_grad_norm)
         optimizer.step()
         loss_ema = step_loss if loss_ema is None else 0.98 * loss_ema + 0.02 * step_loss
         elapsed = time.perf_counter() - start
@@ -127,9 +158,9 @@ def train_causal_lm(
             bar.set_postfix_str(
                 f"loss {loss_ema:.3f} lr {optimizer.param_groups[0]['lr']:.2e} {tokens_seen / elapsed:,.0f} tok/s"
             )
-        if settings.eval_every and eval_rows is not None and (step + 1) % settings.eval_every == 0:
-            value = evaluate(model, eval_rows, settings.batch_size, settings.eval_batches)
-            log(f"step {step + 1}: eval loss {value:.3f}, perplexity {math.exp(value):.1f}")
+        if settings.eval_every and eval_fn is not None and (step + 1) % settings.eval_every == 0:
+            metrics = eval_fn(model, settings.eval_batches)
+            log(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if settings.max_seconds is not None and elapsed > settings.max_seconds:
             log(
                 f"stopping at step {step + 1} of {settings.max_steps}: the {settings.max_seconds:.0f} s budget is spent"
@@ -143,7 +174,6 @@ def train_causal_lm(
         "train_loss": float(loss_ema or 0.0),
         "tokens_per_second": tokens_seen / max(1e-9, time.perf_counter() - start),
     }
-    if eval_rows is not None:
-        result["eval_loss"] = evaluate(model, eval_rows, settings.batch_size)
-        result["eval_perplexity"] = math.exp(result["eval_loss"])
+    if eval_fn is not None:
+        result.update(eval_fn(model, None))
     return result
