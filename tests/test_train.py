@@ -314,3 +314,47 @@ def test_classification_data_errors_name_the_line(tmp_path, capsys) -> None:
         ]
     )
     assert code == 2 and "tags.jsonl:1" in capsys.readouterr().err
+
+
+def test_chat_targets_are_the_model_turns_only() -> None:
+    from gemma2 import Gemma2Tokenizer
+    from gemma2.default_model import BUNDLED
+    from gemma2.train.chat import encode_conversations
+
+    tok = Gemma2Tokenizer.from_pretrained(BUNDLED)
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye!"},
+    ]
+    data = encode_conversations(tok, [messages], max_len=512)
+    ids, labels = data.input_ids[0], data.labels[0]
+    assert ids == tok.apply_chat_template(messages)
+    targets = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert tok.decode(targets) == "Hello there.<end_of_turn>\nGoodbye!<end_of_turn>\n"
+
+
+def test_gemma2_train_chat_lowers_the_loss_on_model_turns(tmp_path, capsys) -> None:
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
+        for i in range(20)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = ["train", "--model", str(BUNDLED), "--task", "chat", "--data", str(data), "--eval-data", str(data)]
+    assert main([*base, "--out", str(tmp_path / "a"), "--max-steps", "1", "--lr", "1e-9", "--batch-size", "4"]) == 0
+    before = float(capsys.readouterr().out.split("eval loss ")[1].split(" ")[0])
+    assert main([*base, "--out", str(tmp_path / "b"), "--max-steps", "30", "--lr", "2e-3", "--batch-size", "4"]) == 0
+    after = float(capsys.readouterr().out.split("eval loss ")[1].split(" ")[0])
+    assert after < before - 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "only a question"}]}\n')
+    assert (
+        main(["train", "--model", str(BUNDLED), "--task", "chat", "--data", str(bad), "--out", str(tmp_path / "c")])
+        == 2
+    )
+    assert "bad.jsonl:1" in capsys.readouterr().err

@@ -228,23 +228,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gemma2.tokenizer import Gemma2Tokenizer
     from gemma2.train.data import pack_documents
     from gemma2.train.datasets import read_text_documents
-    from gemma2.train.trainer import TrainSettings, train_causal_lm
+    from gemma2.train.trainer import TrainSettings, train, train_causal_lm
 
-    if args.task == "chat":
-        raise Gemma2Error(
-            "--task chat is not implemented yet; use causal-lm, sequence-classification or token-classification"
-        )
-    if args.task != "causal-lm":
-        return _train_classifier(args)
     if args.lora_rank < 0:
         raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
+    if args.task not in ("causal-lm", "chat"):
+        return _train_classifier(args)
     directory = _model_dir(args)
     tok = Gemma2Tokenizer.from_pretrained(directory)
-    encode = tok.backend.encode_batch
-    train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
-    eval_rows = None
-    if args.eval_data:
-        eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
+    train_rows: Any
+    eval_rows: Any = None
+    if args.task == "chat":
+        from gemma2.train.chat import encode_conversations, read_conversations
+
+        train_rows = encode_conversations(tok, read_conversations(args.data), args.seq_len, args.data)
+        if args.eval_data:
+            eval_rows = encode_conversations(tok, read_conversations(args.eval_data), args.seq_len, args.eval_data)
+    else:
+        encode = tok.backend.encode_batch
+        train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
+        if args.eval_data:
+            eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / (args.batch_size * args.grad_accum)))
     model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -263,8 +267,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
-    result = train_causal_lm(model, train_rows, settings, eval_rows=eval_rows)
-    stored = next(iter({t.dtype for t in model.state_dict().values()}))
+    if args.task == "chat":
+        from gemma2.train.chat import chat_loss
+
+        def chat_eval(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
+            with torch.no_grad():
+                m.eval()
+                losses = [
+                    float(chat_loss(m, eval_rows.batch(torch.arange(i, min(i + args.batch_size, len(eval_rows))))))
+                    for i in range(0, len(eval_rows), args.batch_size)
+                ]
+            loss = sum(losses) / len(losses)
+            return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+        result = train(model, train_rows, settings, chat_loss, chat_eval if eval_rows is not None else None)
+    else:
+        result = train_causal_lm(model, train_rows, settings, eval_rows=eval_rows)
+    stored: Any = next(iter({t.dtype for t in model.state_dict().values()}))
     if args.lora_rank and not args.merge:
         from gemma2.train.lora import save_adapter
 

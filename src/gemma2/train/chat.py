@@ -1,0 +1,73 @@
+"""Chat data: conversations in the model's chat template, with the loss on the model's turns only.
+
+JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line. Each conversation is one row
+(cut to the sequence length). The targets are the tokens of every assistant turn, its
+<end_of_turn> included: what the model must learn to write, and to stop writing; the user turns
+and the template's markup are context only (-100).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma2.tokenizer import ChatFormatError
+from gemma2.train.classification import PaddedExamples
+from gemma2.train.datasets import DataError
+from gemma2.train.loss import chunked_causal_lm_loss
+
+IGNORE_INDEX = -100
+
+
+def read_conversations(path: str | Path) -> list[list[dict[str, Any]]]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    conversations = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f'{path}:{number}: expected an object with a non-empty "messages" list')
+        if not any(isinstance(m, dict) and m.get("role") in ("assistant", "model") for m in messages):
+            raise DataError(f"{path}:{number}: the conversation has no assistant turn to learn from")
+        conversations.append(messages)
+    if not conversations:
+        raise DataError(f"{path}: no conversations")
+    return conversations
+
+
+def encode_conversations(
+    tokenizer: Any, conversations: list[list[dict[str, Any]]], max_len: int, source: str = "data"
+) -> PaddedExamples:
+    rows, row_labels = [], []
+    for index, messages in enumerate(conversations):
+        try:
+            ids = tokenizer.apply_chat_template(messages)
+            labels = [IGNORE_INDEX] * len(ids)
+            for turn, message in enumerate(messages):
+                if message.get("role") not in ("assistant", "model"):
+                    continue
+                start = len(tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True))
+                stop = len(tokenizer.apply_chat_template(messages[: turn + 1]))
+                labels[start:stop] = ids[start:stop]
+        except ChatFormatError as error:
+            raise DataError(f"{source}: conversation {index + 1}: {error}") from None
+        rows.append(ids[:max_len])
+        row_labels.append(labels[:max_len])
+    return PaddedExamples(rows, row_labels, tokenizer.pad_token_id)
+
+
+def chat_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return chunked_causal_lm_loss(hidden, model.lm_head.weight, batch["labels"], model.config.final_logit_softcapping)
