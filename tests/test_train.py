@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -358,3 +360,75 @@ def test_gemma2_train_chat_lowers_the_loss_on_model_turns(tmp_path, capsys) -> N
         == 2
     )
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path) -> None:
+    from gemma2.train.trainer import TrainingInterrupted, train
+
+    def fresh() -> Gemma2ForCausalLM:
+        torch.manual_seed(0)
+        return Gemma2ForCausalLM(tiny_config(vocab_size=64, num_labels=3))
+
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(3, 64, (int(n),), generator=g).tolist() for n in torch.randint(5, 30, (12,), generator=g)]
+    rows = pack_documents(docs, seq_len=16, bos_token_id=2)
+    settings = TrainSettings(max_steps=9, batch_size=3, grad_accum=2, lr=3e-3, warmup_steps=2, progress=False)
+
+    reference = fresh()
+    train(reference, rows, settings, causal_lm_loss)
+
+    def ctrl_c_at(step: int):
+        def hook(done: int) -> None:
+            if done == step:
+                raise KeyboardInterrupt
+
+        return hook
+
+    interrupted = fresh()
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(interrupted, rows, settings, causal_lm_loss, checkpoint=tmp_path / "state", on_step=ctrl_c_at(4))
+    resumed = fresh()  # a new process: a fresh model, everything else comes from the saved state
+    result = train(resumed, rows, settings, causal_lm_loss, checkpoint=tmp_path / "state", resume=True)
+    assert result["steps"] == 9
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_without_saved_state_is_a_clear_error(tmp_path) -> None:
+    from gemma2.train.trainer import TrainingError, train
+
+    rows = pack_documents([[5, 6, 7]], seq_len=4, bos_token_id=2)
+    model = Gemma2ForCausalLM(tiny_config())
+    with pytest.raises(TrainingError, match="no saved training state"):
+        train(model, rows, TrainSettings(max_steps=1, progress=False), causal_lm_loss, checkpoint=tmp_path, resume=True)
+
+
+def test_gemma2_train_resume_from_the_command_line(tmp_path, capsys, monkeypatch) -> None:
+    from gemma2.cli import main
+    from gemma2.default_model import BUNDLED
+
+    data = tmp_path / "data.txt"
+    data.write_text("Resume me, exactly as if nothing had happened. " * 40)
+    args = ["train", "--model", str(BUNDLED), "--data", str(data), "--max-steps", "4", "--seq-len", "32"]
+    args += ["--batch-size", "2", "--lr", "1e-3"]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    calls = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def interrupt_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the middle of the third step
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupt_third)
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "resumed.resume" / "training_state.pt").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", original)
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert not (tmp_path / "resumed.resume").exists()
+    a = Gemma2ForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = Gemma2ForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -265,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
         bf16=args.bf16,
         seed=args.seed,
+        save_every=args.save_every,
     )
     torch.manual_seed(args.seed)
     if args.task == "chat":
@@ -280,9 +281,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             loss = sum(losses) / len(losses)
             return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
 
-        result = train(model, train_rows, settings, chat_loss, chat_eval if eval_rows is not None else None)
+        evaluation = chat_eval if eval_rows is not None else None
+        result = train(model, train_rows, settings, chat_loss, evaluation, None, *_resume_args(args))
     else:
-        result = train_causal_lm(model, train_rows, settings, eval_rows=eval_rows)
+        result = train_causal_lm(model, train_rows, settings, eval_rows, None, *_resume_args(args))
     stored: Any = next(iter({t.dtype for t in model.state_dict().values()}))
     if args.lora_rank and not args.merge:
         from gemma2.train.lora import save_adapter
@@ -297,11 +299,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             merge_lora(model)
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)
+    _finish_training(args)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "eval_loss" in result:
         summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
     print(f"{summary}; saved {stored} weights to {args.out}")
     return 0
+
+
+def _resume_args(args: argparse.Namespace) -> tuple[Path, bool]:
+    """Where the training state of --out is kept (a sibling directory), and whether to resume."""
+    return Path(str(args.out).rstrip("/") + ".resume"), bool(args.resume)
+
+
+def _finish_training(args: argparse.Namespace) -> None:
+    import shutil
+
+    shutil.rmtree(_resume_args(args)[0], ignore_errors=True)
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -360,6 +374,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
         bf16=args.bf16,
         seed=args.seed,
+        save_every=args.save_every,
     )
     torch.manual_seed(args.seed)
     metrics = None
@@ -369,13 +384,14 @@ def _train_classifier(args: argparse.Namespace) -> int:
         def metrics(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
             return cls_data.classification_metrics(m, data, args.batch_size)
 
-    result = train(model, train_data, settings, cls_data.classification_loss, metrics)
+    result = train(model, train_data, settings, cls_data.classification_loss, metrics, None, *_resume_args(args))
     if args.lora_rank:
         from gemma2.train.lora import merge_lora
 
         merge_lora(model)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
+    _finish_training(args)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "accuracy" in result:
         summary += f", eval accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}"
@@ -479,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer stay float32)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=int, default=0, help="save the training state every N steps")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the state saved in OUT.resume (by Ctrl-C or --save-every)"
+    )
     train.set_defaults(run=cmd_train)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")

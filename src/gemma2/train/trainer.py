@@ -10,14 +10,18 @@ It works on any causal-LM rows (see data.PackedRows) and is usable from a user's
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from pathlib import Path
+from typing import Any, Protocol, cast
 
 import torch
 
+from gemma2.errors import Gemma2Error
 from gemma2.heads import Gemma2ForCausalLM
 from gemma2.train.data import PackedRows
 from gemma2.train.loss import chunked_causal_lm_loss
@@ -39,6 +43,7 @@ class TrainSettings:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 20
     max_seconds: float | None = None  # stop early (and say so) after this much wall time
+    save_every: int = 0  # with a checkpoint directory: save the training state every N steps
     progress: bool = True
 
 
@@ -89,6 +94,9 @@ def train_causal_lm(
     settings: TrainSettings,
     eval_rows: PackedRows | None = None,
     log: Callable[[str], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train a causal LM in place; returns the final train loss, eval loss / perplexity and tokens per second."""
 
@@ -98,7 +106,50 @@ def train_causal_lm(
         return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
 
     loss_fn = cast(Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor], causal_lm_loss)
-    return train(model, rows, settings, loss_fn, evaluate_rows if eval_rows is not None else None, log)
+    evaluation = evaluate_rows if eval_rows is not None else None
+    return train(model, rows, settings, loss_fn, evaluation, log, checkpoint, resume, on_step)
+
+
+STATE_FILE = "training_state.pt"
+
+
+class TrainingError(Gemma2Error):
+    """Training cannot start or continue (no state to resume, mismatched state)."""
+
+
+class TrainingInterrupted(Gemma2Error):
+    """Ctrl-C stopped training; the state was saved for --resume."""
+
+
+@dataclass
+class _LoopState:
+    """Everything that changes as training goes, so that a resumed run continues exactly."""
+
+    order: torch.Tensor
+    cursor: int = 0
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    loss_ema: float | None = None
+
+
+class _DeferredInterrupt:
+    """Turns the first SIGINT into a request checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def train(
@@ -108,71 +159,126 @@ def train(
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
     eval_fn: Callable[[torch.nn.Module, int | None], dict[str, float]] | None = None,
     log: Callable[[str], None] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """The loop for any head: loss_fn(model, batch) gives the loss, eval_fn(model, max_batches) the metrics."""
+    """The loop for any head: loss_fn(model, batch) gives the loss, eval_fn(model, max_batches) the metrics.
+
+    With `checkpoint`, the whole training state (weights, optimizer, data order, random generators,
+    step) is saved there every `settings.save_every` steps and when Ctrl-C interrupts the loop,
+    which then raises TrainingInterrupted; `resume=True` continues from it with the same result as
+    an uninterrupted run. `on_step(steps_done)` is called after every optimizer step.
+    """
     log = log or (lambda text: print(text, file=sys.stderr))
     generator = torch.Generator().manual_seed(settings.seed)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.dim() >= 2]
-    no_decay = [p for n, p in trainable if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": settings.weight_decay},
+            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+        ],
         lr=settings.lr,
         betas=settings.betas,
     )
+    batch_size = min(settings.batch_size, len(data))
+    state = _LoopState(order=torch.randperm(len(data), generator=generator))
+    if resume:
+        if checkpoint is None or not (checkpoint / STATE_FILE).exists():
+            raise TrainingError(f"{checkpoint}: no saved training state to resume from")
+        saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["loop"]
+        log(f"resuming at step {state.step} of {settings.max_steps} from {checkpoint}")
+
+    def save() -> None:
+        assert checkpoint is not None
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        saved = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "loop": state,
+        }
+        partial = checkpoint / (STATE_FILE + ".partial")
+        torch.save(saved, partial)
+        partial.replace(checkpoint / STATE_FILE)
+
     bar = None
     if settings.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=settings.max_steps, desc="training", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=settings.max_steps, initial=state.step, desc="training", file=sys.stderr, dynamic_ncols=True)
     model.train()
-    batch_size = min(settings.batch_size, len(data))
-    order = torch.randperm(len(data), generator=generator)
-    cursor = 0
-    start = time.perf_counter()
-    tokens_seen = 0
-    loss_ema = None
-    step = 0
-    for step in range(settings.max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(settings.grad_accum):
-            if cursor + batch_size > len(order):
-                order, cursor = torch.randperm(len(data), generator=generator), 0
-            batch = data.batch(order[cursor : cursor + batch_size])
-            cursor += batch_size
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                loss = loss_fn(model, batch) / settings.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-            counted = batch.get("attention_mask", batch["labels"] != -100)
-            tokens_seen += int(counted.sum())
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], settings.max_grad_norm)
-        optimizer.step()
-        loss_ema = step_loss if loss_ema is None else 0.98 * loss_ema + 0.02 * step_loss
-        elapsed = time.perf_counter() - start
+    start, tokens_at_start = time.perf_counter(), state.tokens_seen
+    # Ctrl-C never stops a step half-way (AdamW updates the weights one by one): the first one sets a
+    # flag, the loop saves the state after the step in progress and stops; a second one stops at once.
+    interrupt = _DeferredInterrupt() if checkpoint is not None else None
+    try:
+        while state.step < settings.max_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(state.step, settings)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(settings.grad_accum):
+                if state.cursor + batch_size > len(state.order):
+                    state.order, state.cursor = torch.randperm(len(data), generator=generator), 0
+                batch = data.batch(state.order[state.cursor : state.cursor + batch_size])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                    loss = loss_fn(model, batch) / settings.grad_accum
+                loss.backward()
+                state.cursor += batch_size
+                step_loss += float(loss.detach())
+                counted = batch.get("attention_mask", batch["labels"] != -100)
+                state.tokens_seen += int(counted.sum())
+            torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            state.step += 1
+            state.loss_ema = step_loss if state.loss_ema is None else 0.98 * state.loss_ema + 0.02 * step_loss
+            elapsed = time.perf_counter() - start
+            if bar is not None:
+                rate = (state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"loss {state.loss_ema:.3f} lr {optimizer.param_groups[0]['lr']:.2e} {rate:,.0f} tok/s"
+                )
+            if checkpoint is not None and settings.save_every and state.step % settings.save_every == 0:
+                save()
+            if settings.eval_every and eval_fn is not None and state.step % settings.eval_every == 0:
+                metrics = eval_fn(model, settings.eval_batches)
+                log(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if on_step is not None:
+                on_step(state.step)
+            if interrupt is not None and interrupt.requested:
+                raise KeyboardInterrupt
+            if settings.max_seconds is not None and elapsed > settings.max_seconds:
+                log(f"stopping at step {state.step} of {settings.max_steps}: the time budget is spent")
+                break
+    except KeyboardInterrupt:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(
-                f"loss {loss_ema:.3f} lr {optimizer.param_groups[0]['lr']:.2e} {tokens_seen / elapsed:,.0f} tok/s"
-            )
-        if settings.eval_every and eval_fn is not None and (step + 1) % settings.eval_every == 0:
-            metrics = eval_fn(model, settings.eval_batches)
-            log(f"step {step + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        if settings.max_seconds is not None and elapsed > settings.max_seconds:
-            log(
-                f"stopping at step {step + 1} of {settings.max_steps}: the {settings.max_seconds:.0f} s budget is spent"
-            )
-            break
+            bar.close()
+        if checkpoint is None:
+            raise
+        save()  # the state after the last completed step
+        if interrupt is not None:
+            interrupt.restore()
+        raise TrainingInterrupted(
+            f"interrupted at step {state.step}: the training state is saved in {checkpoint}; continue with --resume"
+        ) from None
+    finally:
+        if interrupt is not None:
+            interrupt.restore()
     if bar is not None:
         bar.close()
     model.eval()
     result = {
-        "steps": float(step + 1),
-        "train_loss": float(loss_ema or 0.0),
-        "tokens_per_second": tokens_seen / max(1e-9, time.perf_counter() - start),
+        "steps": float(state.step),
+        "train_loss": float(state.loss_ema or 0.0),
+        "tokens_per_second": (state.tokens_seen - tokens_at_start) / max(1e-9, time.perf_counter() - start),
     }
     if eval_fn is not None:
         result.update(eval_fn(model, None))
