@@ -249,7 +249,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
         if args.eval_data:
             eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
-    steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_rows) / (args.batch_size * args.grad_accum)))
+    per_epoch = max(1, math.ceil(len(train_rows) / (args.batch_size * args.grad_accum)))
+    steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
     model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -266,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         seed=args.seed,
         save_every=args.save_every,
+        eval_every=per_epoch if args.eval_data else 0,  # evaluate after every epoch
     )
     torch.manual_seed(args.seed)
     if args.task == "chat":
@@ -365,7 +367,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
         for parameter in model.score.parameters():
             parameter.requires_grad_(True)
-    steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_data) / (args.batch_size * args.grad_accum)))
+    per_epoch = max(1, math.ceil(len(train_data) / (args.batch_size * args.grad_accum)))
+    steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
     settings = TrainSettings(
         max_steps=steps,
         batch_size=args.batch_size,
@@ -375,6 +378,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         seed=args.seed,
         save_every=args.save_every,
+        eval_every=per_epoch if args.eval_data else 0,  # evaluate after every epoch
     )
     torch.manual_seed(args.seed)
     metrics = None
