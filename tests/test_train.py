@@ -176,7 +176,7 @@ def test_gemma2_train_fine_tunes_and_writes_a_loadable_directory(tmp_path, capsy
     [
         ('{"text": "ok"}\n{"text": 5}\n', "data.jsonl:2"),
         ('{"text": "ok"}\nnot json\n', "data.jsonl:2: not valid JSON"),
-        ("\n\n", "no documents"),
+        ("\n\n", "no records"),
     ],
 )
 def test_bad_data_files_name_the_file_and_line(tmp_path, capsys, content: str, message: str) -> None:

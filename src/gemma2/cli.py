@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gemma2.tokenizer import Gemma2Tokenizer
     from gemma2.train.data import pack_documents
     from gemma2.train.datasets import read_text_documents
-    from gemma2.train.trainer import TrainSettings, train, train_causal_lm
+    from gemma2.train.trainer import train, train_causal_lm
 
     if args.lora_rank < 0:
         raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
@@ -249,8 +249,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
         if args.eval_data:
             eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
-    per_epoch = max(1, math.ceil(len(train_rows) / (args.batch_size * args.grad_accum)))
-    steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
     model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -258,17 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from gemma2.train.lora import apply_lora
 
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
-    settings = TrainSettings(
-        max_steps=steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
-        bf16=args.bf16,
-        seed=args.seed,
-        save_every=args.save_every,
-        eval_every=per_epoch if args.eval_data else 0,  # evaluate after every epoch
-    )
+    settings = _train_settings(args, len(train_rows))
     torch.manual_seed(args.seed)
     if args.task == "chat":
         from gemma2.train.chat import chat_loss
@@ -309,6 +297,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_settings(args: argparse.Namespace, examples: int) -> Any:
+    """TrainSettings from the command line: --max-steps, else --epochs over `examples` rows."""
+    import math
+
+    from gemma2.train.trainer import TrainSettings
+
+    per_epoch = max(1, math.ceil(examples / (args.batch_size * args.grad_accum)))
+    steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
+    return TrainSettings(
+        max_steps=steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
+        bf16=args.bf16,
+        seed=args.seed,
+        save_every=args.save_every,
+        eval_every=per_epoch if args.eval_data else 0,  # evaluate after every epoch
+    )
+
+
 def _resume_args(args: argparse.Namespace) -> tuple[Path, bool]:
     """Where the training state of --out is kept (a sibling directory), and whether to resume."""
     return Path(str(args.out).rstrip("/") + ".resume"), bool(args.resume)
@@ -321,14 +330,13 @@ def _finish_training(args: argparse.Namespace) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    import math
 
     import torch
 
     from gemma2.heads import Gemma2ForSequenceClassification, Gemma2ForTokenClassification
     from gemma2.tokenizer import Gemma2Tokenizer
     from gemma2.train import classification as cls_data
-    from gemma2.train.trainer import TrainSettings, train
+    from gemma2.train.trainer import train
 
     if args.lora_rank and not args.merge:
         raise Gemma2Error("LoRA on a classifier needs --merge (the new score layer is trained in full)")
@@ -367,19 +375,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
         for parameter in model.score.parameters():
             parameter.requires_grad_(True)
-    per_epoch = max(1, math.ceil(len(train_data) / (args.batch_size * args.grad_accum)))
-    steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
-    settings = TrainSettings(
-        max_steps=steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=min(args.warmup_steps, max(1, steps // 10)),
-        bf16=args.bf16,
-        seed=args.seed,
-        save_every=args.save_every,
-        eval_every=per_epoch if args.eval_data else 0,  # evaluate after every epoch
-    )
+    settings = _train_settings(args, len(train_data))
     torch.manual_seed(args.seed)
     metrics = None
     if eval_data is not None:

@@ -8,7 +8,6 @@ and the template's markup are context only (-100).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from gemma2.tokenizer import ChatFormatError
 from gemma2.train.classification import PaddedExamples
-from gemma2.train.datasets import DataError
+from gemma2.train.datasets import DataError, read_records
 from gemma2.train.loss import chunked_causal_lm_loss
 
 IGNORE_INDEX = -100
@@ -24,26 +23,14 @@ IGNORE_INDEX = -100
 
 def read_conversations(path: str | Path) -> list[list[dict[str, Any]]]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
     conversations = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
+    for number, record in read_records(path):
+        messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
             raise DataError(f'{path}:{number}: expected an object with a non-empty "messages" list')
         if not any(isinstance(m, dict) and m.get("role") in ("assistant", "model") for m in messages):
             raise DataError(f"{path}:{number}: the conversation has no assistant turn to learn from")
         conversations.append(messages)
-    if not conversations:
-        raise DataError(f"{path}: no conversations")
     return conversations
 
 

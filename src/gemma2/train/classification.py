@@ -9,44 +9,28 @@ after the first with their leading space) and its tag sits on its first sub-toke
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gemma2.train.datasets import DataError
+from gemma2.train.datasets import DataError, read_records, read_text
 
 IGNORE_INDEX = -100
 
 
 def _read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
-    if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{path}:1: a CSV needs a header with 'text' and 'label' columns")
-        return [(number, dict(row)) for number, row in enumerate(reader, start=2)]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {line[:80]!r}")
-        records.append((number, record))
-    if not records:
-        raise DataError(f"{path}: no examples")
-    return records
+    """Records of a JSONL file, or the rows of a CSV file with `text,label` columns."""
+    if path.suffix != ".csv":
+        return read_records(path)
+    reader = csv.DictReader(read_text(path).splitlines())
+    if reader.fieldnames is None or not {"text", "label"} <= set(reader.fieldnames):
+        raise DataError(f"{path}:1: a CSV needs a header with 'text' and 'label' columns")
+    rows = [(number, dict(row)) for number, row in enumerate(reader, start=2)]
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return rows
 
 
 def read_sequence_examples(path: str | Path) -> tuple[list[str], list[str]]:
