@@ -220,15 +220,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import math
-
     import torch
 
     from gemma2.heads import Gemma2ForCausalLM
     from gemma2.tokenizer import Gemma2Tokenizer
     from gemma2.train.data import pack_documents
     from gemma2.train.datasets import read_text_documents
-    from gemma2.train.trainer import train, train_causal_lm
+    from gemma2.train.trainer import perplexity_eval, train, train_causal_lm
 
     if args.lora_rank < 0:
         raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
@@ -261,39 +259,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.task == "chat":
         from gemma2.train.chat import chat_loss
 
-        def chat_eval(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
-            with torch.no_grad():
-                m.eval()
-                losses = [
-                    float(chat_loss(m, eval_rows.batch(torch.arange(i, min(i + args.batch_size, len(eval_rows))))))
-                    for i in range(0, len(eval_rows), args.batch_size)
-                ]
-            loss = sum(losses) / len(losses)
-            return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
-
-        evaluation = chat_eval if eval_rows is not None else None
+        evaluation = perplexity_eval(eval_rows, args.batch_size, chat_loss) if eval_rows is not None else None
         result = train(model, train_rows, settings, chat_loss, evaluation, None, *_resume_args(args))
     else:
         result = train_causal_lm(model, train_rows, settings, eval_rows, None, *_resume_args(args))
-    stored: Any = next(iter({t.dtype for t in model.state_dict().values()}))
-    if args.lora_rank and not args.merge:
-        from gemma2.train.lora import save_adapter
-
-        save_adapter(model, args.out, base_model=str(args.model or directory))
-        tok.save_pretrained(args.out)
-        stored = "LoRA adapter"
-    else:
-        if args.lora_rank:
-            from gemma2.train.lora import merge_lora
-
-            merge_lora(model)
-        model.save_pretrained(args.out)
-        tok.save_pretrained(args.out)
-    _finish_training(args)
+    stored = _save_trained(args, model, tok, directory)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "eval_loss" in result:
         summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
-    print(f"{summary}; saved {stored} weights to {args.out}")
+    print(f"{summary}; saved {stored} to {args.out}")
     return 0
 
 
@@ -323,10 +297,26 @@ def _resume_args(args: argparse.Namespace) -> tuple[Path, bool]:
     return Path(str(args.out).rstrip("/") + ".resume"), bool(args.resume)
 
 
-def _finish_training(args: argparse.Namespace) -> None:
+def _save_trained(args: argparse.Namespace, model: Any, tok: Any, directory: Path) -> str:
+    """Write the result of `gemma2 train` to --out (a PEFT adapter for LoRA without --merge, else
+    the full weights) with the tokenizer, drop the saved training state; say what was written."""
     import shutil
 
+    stored = str(model.dtype).removeprefix("torch.") + " weights"
+    if args.lora_rank and not args.merge:
+        from gemma2.train.lora import save_adapter
+
+        save_adapter(model, args.out, base_model=str(args.model or directory))
+        stored = "LoRA adapter weights"
+    else:
+        if args.lora_rank:
+            from gemma2.train.lora import merge_lora
+
+            merge_lora(model)
+        model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
     shutil.rmtree(_resume_args(args)[0], ignore_errors=True)
+    return stored
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
@@ -385,13 +375,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
             return cls_data.classification_metrics(m, data, args.batch_size)
 
     result = train(model, train_data, settings, cls_data.classification_loss, metrics, None, *_resume_args(args))
-    if args.lora_rank:
-        from gemma2.train.lora import merge_lora
-
-        merge_lora(model)
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    _finish_training(args)
+    _save_trained(args, model, tok, directory)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "accuracy" in result:
         summary += f", eval accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}"

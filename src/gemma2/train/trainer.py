@@ -63,21 +63,43 @@ def causal_lm_loss(model: Gemma2ForCausalLM, batch: dict[str, torch.Tensor]) -> 
     return chunked_causal_lm_loss(hidden, model.lm_head.weight, batch["labels"], model.config.final_logit_softcapping)
 
 
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
 @torch.no_grad()
-def evaluate(model: Gemma2ForCausalLM, rows: PackedRows, batch_size: int, max_batches: int | None = None) -> float:
-    """Mean token loss over rows (perplexity = exp of it)."""
+def evaluate(
+    model: torch.nn.Module,
+    data: Batches,
+    batch_size: int,
+    max_batches: int | None = None,
+    loss_fn: LossFn | None = None,
+) -> float:
+    """Mean loss per target token over `data` (perplexity = exp of it); causal-LM loss by default."""
+    loss_fn = loss_fn or cast(LossFn, causal_lm_loss)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for index, start in enumerate(range(0, len(rows), batch_size)):
+    for index, start in enumerate(range(0, len(data), batch_size)):
         if max_batches is not None and index >= max_batches:
             break
-        batch = rows.batch(torch.arange(start, min(start + batch_size, len(rows))))
+        batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(causal_lm_loss(model, batch)) * tokens
+        total += float(loss_fn(model, batch)) * tokens
         count += tokens
     model.train(was_training)
     return total / max(1, count)
+
+
+def perplexity_eval(
+    data: Batches, batch_size: int, loss_fn: LossFn | None = None
+) -> Callable[[torch.nn.Module, int | None], dict[str, float]]:
+    """An eval_fn for `train`: loss and perplexity of a language-modelling task on `data`."""
+
+    def run(model: torch.nn.Module, max_batches: int | None) -> dict[str, float]:
+        loss = evaluate(model, data, batch_size, max_batches, loss_fn)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+    return run
 
 
 class Batches(Protocol):
@@ -99,15 +121,8 @@ def train_causal_lm(
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train a causal LM in place; returns the final train loss, eval loss / perplexity and tokens per second."""
-
-    def evaluate_rows(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
-        assert eval_rows is not None and isinstance(m, Gemma2ForCausalLM)
-        loss = evaluate(m, eval_rows, settings.batch_size, limit)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
-
-    loss_fn = cast(Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor], causal_lm_loss)
-    evaluation = evaluate_rows if eval_rows is not None else None
-    return train(model, rows, settings, loss_fn, evaluation, log, checkpoint, resume, on_step)
+    evaluation = perplexity_eval(eval_rows, settings.batch_size) if eval_rows is not None else None
+    return train(model, rows, settings, cast(LossFn, causal_lm_loss), evaluation, log, checkpoint, resume, on_step)
 
 
 STATE_FILE = "training_state.pt"
@@ -156,7 +171,7 @@ def train(
     model: torch.nn.Module,
     data: Batches,
     settings: TrainSettings,
-    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    loss_fn: LossFn,
     eval_fn: Callable[[torch.nn.Module, int | None], dict[str, float]] | None = None,
     log: Callable[[str], None] | None = None,
     checkpoint: Path | None = None,
