@@ -17,10 +17,12 @@ from torch import nn
 
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
+from gemma2.cpu_kernels import Linear
 from gemma2.errors import InputError
 from gemma2.model import Gemma2Model
 from gemma2.outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
+from gemma2.quantization import Int8Embedding, Int8Linear
 
 IGNORE_INDEX = -100
 
@@ -44,15 +46,20 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__(config)
         self.model = Gemma2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Linear | Int8Linear = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_weights()
         else:
             self._init_module(self.lm_head)
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.config.tie_word_embeddings:
+            return
+        embedding = self.model.embed_tokens
+        if isinstance(embedding, Int8Embedding):
+            self.lm_head = embedding.as_linear()
+        else:
+            self.lm_head.weight = embedding.weight
 
     def forward(
         self,

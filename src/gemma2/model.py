@@ -18,6 +18,7 @@ from torch import nn
 from gemma2.attention import MaskSpec, attention
 from gemma2.cache import Gemma2Cache, LayerCache
 from gemma2.config import Gemma2Config
+from gemma2.cpu_kernels import Linear
 from gemma2.errors import InputError
 from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
@@ -111,10 +112,10 @@ class Gemma2Attention(nn.Module):
         self.dropout = config.attention_dropout
         self.window = config.sliding_window if config.is_sliding(layer_idx) else None
         bias = config.attention_bias
-        self.q_proj = nn.Linear(d, H * D, bias=bias)
-        self.k_proj = nn.Linear(d, K * D, bias=bias)
-        self.v_proj = nn.Linear(d, K * D, bias=bias)
-        self.o_proj = nn.Linear(H * D, d, bias=bias)
+        self.q_proj = Linear(d, H * D, bias=bias)
+        self.k_proj = Linear(d, K * D, bias=bias)
+        self.v_proj = Linear(d, K * D, bias=bias)
+        self.o_proj = Linear(H * D, d, bias=bias)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -138,9 +139,9 @@ class Gemma2MLP(nn.Module):
         super().__init__()
         d, F_ = config.hidden_size, config.intermediate_size
         self.activation = config.hidden_activation
-        self.gate_proj = nn.Linear(d, F_, bias=False)
-        self.up_proj = nn.Linear(d, F_, bias=False)
-        self.down_proj = nn.Linear(F_, d, bias=False)
+        self.gate_proj = Linear(d, F_, bias=False)
+        self.up_proj = Linear(d, F_, bias=False)
+        self.down_proj = Linear(F_, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(activation(self.activation, self.gate_proj(x)) * self.up_proj(x))
@@ -184,9 +185,11 @@ class Gemma2Model(Gemma2PreTrainedModel):
         In bf16 sqrt(2304) = 48 exactly but sqrt(3584) = 59.87 rounds to 59.75: the reference
         rounds (float32 then the weight dtype) before multiplying, and so must we.
         """
-        weight = self.embed_tokens.weight
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
-        return self.embed_tokens(input_ids) * scale.to(weight.device)
+        # The activation dtype is the norms' (an int8 embedding returns float32 rows).
+        dtype = self.norm.weight.dtype
+        embeds = self.embed_tokens(input_ids).to(dtype)
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(dtype)
+        return embeds * scale.to(embeds.device)
 
     def forward(
         self,

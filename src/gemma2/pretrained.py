@@ -159,6 +159,7 @@ class Gemma2PreTrainedModel(nn.Module):
         state = self.state_dict()
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
+            state.pop("lm_head.weight_scale", None)  # a tied int8 head shares the embedding's scales
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -177,13 +178,19 @@ class Gemma2PreTrainedModel(nn.Module):
         token: str | bool | None = None,
         ignore_mismatched_sizes: bool = False,
         torch_dtype: str | torch.dtype | None = None,
+        quantize: str | None = None,
+        group_size: int | None = None,
         **config_overrides: Any,
     ) -> ModelT:
         """Load a Hugging Face layout checkpoint (local directory or hub id).
 
         `dtype` converts on load (None or "auto" keeps the stored dtype); keyword arguments that
         name config fields override config.json (e.g. num_labels=3 for a new classifier).
+        A checkpoint saved quantized loads quantized; `quantize="int8"|"int4"` quantizes a
+        full-precision one after loading (see gemma2.quantization).
         """
+        from gemma2 import quantization
+
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
         directory = resolve_checkpoint_dir(path, revision=revision, cache_dir=cache_dir, token=token)
         if config is None:
@@ -193,16 +200,20 @@ class Gemma2PreTrainedModel(nn.Module):
         reader = CheckpointReader(directory)
         with skeleton_construction():
             model = cls(config)
-        plan = model._plan_loading(reader, ignore_mismatched_sizes)
+            stored_quantized = config.extra.get("quantization_config")
+            if stored_quantized is not None:
+                quantization.prepare_for_loading(model, stored_quantized, str(directory / "config.json"))
+        fixed_dtypes = quantization.stored_dtype_tensors(model)
+        plan = model._plan_loading(reader, ignore_mismatched_sizes, fixed_dtypes)
         if target_dtype is None:
-            stored = {reader.dtype(key) for key in plan.sources.values()}
+            stored = {reader.dtype(key) for name, key in plan.sources.items() if name not in fixed_dtypes}
             floating = sorted((d for d in stored if d.is_floating_point), key=str)
             target_dtype = floating[0] if len(floating) == 1 else torch.float32
         device = torch.device(device)
         state: dict[str, torch.Tensor] = {}
         for name, key in plan.sources.items():
             tensor = reader.get(key)
-            if tensor.is_floating_point():
+            if tensor.is_floating_point() and name not in fixed_dtypes:
                 tensor = tensor.to(target_dtype)
             state[name] = tensor.to(device)
         model.load_state_dict(state, strict=False, assign=True)
@@ -220,9 +231,15 @@ class Gemma2PreTrainedModel(nn.Module):
             )
         if plan.ignored:
             logger.info("%s: ignored checkpoint keys: %s", cls.__name__, ", ".join(plan.ignored))
+        if quantize is not None:
+            if stored_quantized is not None:
+                raise CheckpointError(f"{directory}: the checkpoint is already quantized; load it without quantize=")
+            quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE)
         return model.eval()
 
-    def _plan_loading(self, reader: CheckpointReader, ignore_mismatched: bool) -> _LoadPlan:
+    def _plan_loading(
+        self, reader: CheckpointReader, ignore_mismatched: bool, fixed_dtypes: dict[str, torch.dtype]
+    ) -> _LoadPlan:
         """Match checkpoint keys to parameter names and check shapes, reading no tensor data."""
         cls, config = type(self), self.config
         params = self.checkpoint_state_dict()
@@ -248,6 +265,11 @@ class Gemma2PreTrainedModel(nn.Module):
                 raise CheckpointError(f"{reader.directory}: checkpoint is missing tensor {name!r}")
             key = plan.sources[name]
             stored_dtype = reader.dtype(key)
+            if name in fixed_dtypes and stored_dtype != fixed_dtypes[name]:
+                raise CheckpointError(
+                    f"{reader.file_of(key)}: quantized tensor {key!r} is stored as {stored_dtype}, "
+                    f"expected {fixed_dtypes[name]}"
+                )
             if params[name].is_floating_point() and not stored_dtype.is_floating_point:
                 raise CheckpointError(
                     f"{reader.file_of(key)}: tensor {key!r} is stored as {stored_dtype}, expected floating point"

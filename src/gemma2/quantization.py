@@ -1,0 +1,377 @@
+"""Weight-only int8 and int4 quantization: the layers, `quantize`, and the checkpoint format.
+
+    quantize(model, "int8")                 # per-output-channel int8, in place
+    quantize(model, "int4", group_size=128)  # int4 in groups of 64/128/256 along the input
+
+Activations stay in the model's dtype; only weights are stored in fewer bits and expanded inside
+the matmul. The decoder layers' linear layers take the chosen width; the embedding, and with it
+the tied LM head (the largest single matrix, read once per generated token), are always int8 with
+one scale per vocabulary row, so output quality is not bought with a coarser vocabulary.
+
+Arithmetic (what the tests compare against, "dequantized reference math"):
+    int8: w = q * scale[n]                       q in [-127, 127], scale = max|w[n, :]| / 127
+    int4: w = bf16((q - 8) * scale[n, k // G])   q in [0, 15], scale = max|w[n, group]| / 7
+and y = x @ w^T with float32 accumulation. Decode-sized inputs run in cpu_kernels (or PyTorch's
+_weight_int8pack_mm / _weight_int4pack_mm_for_cpu where those are unavailable); prompts expand a
+block of weight rows at a time and use the bf16 matmul, which is faster for many rows.
+
+Checkpoint format (safetensors; config.json gets "quantization_config"):
+    <linear>.weight         int8 [N, K]        or uint8 [N, K/2] (int4, two weights per byte)
+    <linear>.weight_scale   float32 [N]        or float32 [N, K/G]
+    model.embed_tokens.weight int8 [V, d], model.embed_tokens.weight_scale float32 [V]
+int4 bytes: each block of 64 weights along K is 32 bytes; byte j holds weight j of the block in its
+low nibble and weight j + 32 in its high nibble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma2 import cpu_kernels
+from gemma2.errors import CheckpointError, InputError
+
+QUANT_METHOD = "gemma2"
+MODES = ("int8", "int4")
+GROUP_SIZES = (64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+ROW_BLOCK = 8192  # weight rows expanded at a time (bounds the memory of the float copy)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantizing and expanding weight matrices
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [N, K], scale float32 [N])."""
+    qs, scales = [], []
+    for block in weight.split(ROW_BLOCK):
+        w = block.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        qs.append(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return torch.cat(qs), torch.cat(scales)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K]."""
+    return q.float() * scale.float()[:, None]
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned nibbles [N, K] (values 0..15, K % 64 == 0) -> bytes uint8 [N, K/2], module layout."""
+    N, K = q.shape
+    nibbles = q.to(torch.uint8).view(N, K // 64, 2, 32)
+    return (nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes uint8 [N, K/2] -> unsigned nibbles uint8 [N, K] (values 0..15)."""
+    N, half = packed.shape
+    blocks = packed.view(N, half // 32, 1, 32)
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=2).reshape(N, half * 2)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-wise int4: (packed uint8 [N, K/2], scale float32 [N, K/G])."""
+    K = weight.shape[1]
+    packed, scales = [], []
+    for block in weight.split(ROW_BLOCK):
+        w = block.float().view(block.shape[0], K // group_size, group_size)
+        scale = w.abs().amax(dim=2).clamp(min=1e-12) / 7.0
+        q = torch.round(w / scale[..., None]).clamp_(-8, 7) + 8
+        packed.append(pack_int4(q.view(block.shape[0], K)))
+        scales.append(scale)
+    return torch.cat(packed), torch.cat(scales)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """[N, K] in dtype: each weight is (q - 8) * scale rounded to dtype (bf16 for the kernels)."""
+    N, G = packed.shape[0], packed.shape[1] * 2 // scale.shape[1]
+    q = unpack_int4(packed).float().view(N, -1, G) - 8
+    return (q * scale.float()[..., None]).to(dtype).view(N, -1)
+
+
+def _blockwise_linear(x: torch.Tensor, rows: int, weight_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, W) where W [rows, K] is produced ROW_BLOCK rows at a time by weight_rows(lo, hi)."""
+    if rows <= ROW_BLOCK:
+        return F.linear(x, weight_rows(0, rows))
+    return torch.cat([F.linear(x, weight_rows(lo, min(lo + ROW_BLOCK, rows))) for lo in range(0, rows, ROW_BLOCK)], -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T (+ bias), q int8 [out, in], scale float32 [out]."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        layer.weight, layer.weight_scale = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale.float()
+        if cpu_kernels.applies(x, scale):
+            out = cpu_kernels.linear_int8(x, self.weight, scale)
+        elif x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS and x.device.type == "cpu" and not x.requires_grad:
+            rows = x.reshape(-1, self.in_features)
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, scale.to(x.dtype))
+            out = out.view(*x.shape[:-1], self.out_features)
+        else:
+            out = _blockwise_linear(
+                x, self.out_features, lambda lo, hi: dequantize_int8(self.weight[lo:hi], scale[lo:hi]).to(x.dtype)
+            )
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T (+ bias) with W stored as packed nibbles and one float32 scale per group."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: Any = None
+    ) -> None:
+        super().__init__()
+        if group_size not in GROUP_SIZES or in_features % group_size:
+            raise InputError(
+                f"int4 group size must be one of {GROUP_SIZES} and divide the input size {in_features}, "
+                f"got {group_size}"
+            )
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight_scale", torch.empty(out_features, in_features // group_size, dtype=torch.float32, device=device)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self._torch_packed: torch.Tensor | None = None  # PyTorch's own int4 layout, built on first need
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        layer = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None, device="meta")
+        layer.weight, layer.weight_scale = quantize_int4(linear.weight.detach(), group_size)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.weight_scale, dtype)
+
+    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        packed, scale = self.weight[lo:hi], self.weight_scale[lo:hi].float()
+        if dtype == torch.bfloat16 and cpu_kernels.available() and packed.device.type == "cpu":
+            return cpu_kernels.dequantize_int4(packed.contiguous(), scale.contiguous(), self.group_size)
+        return dequantize_int4(packed, scale, dtype)
+
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """PyTorch's packed int4 matmul (used where the native kernels are unavailable)."""
+        if self._torch_packed is None:
+            nibbles = unpack_int4(self.weight).to(torch.int32)
+            self._torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+        scale = self.weight_scale.to(x.dtype).t()
+        scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._torch_packed, self.group_size, scales_and_zeros)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.applies(x, self.weight_scale):
+            out = cpu_kernels.linear_int4(x, self.weight, self.weight_scale.float(), self.group_size)
+        elif (
+            x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS
+            and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
+            and not x.requires_grad
+        ):
+            out = self._torch_kernel(x)
+        else:
+            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored as int8 with one float32 scale per row; returns float32 rows."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device: Any = None
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        layer.weight, layer.weight_scale = quantize_int8(embedding.weight.detach())
+        return layer
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.weight, self.weight_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[input_ids].float() * self.weight_scale.float()[input_ids, None]
+
+    def as_linear(self) -> Int8Linear:
+        """An LM head sharing this embedding's int8 rows and scales (tied weights)."""
+        head = Int8Linear(self.embedding_dim, self.num_embeddings, device="meta")
+        head.weight, head.weight_scale = self.weight, self.weight_scale
+        return head
+
+
+QuantizedLayer = Int8Linear | Int4Linear | Int8Embedding
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def quantization_config(mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
+    """The "quantization_config" entry of config.json for a mode."""
+    config: dict[str, Any] = {"quant_method": QUANT_METHOD, "weights": mode, "embedding": "int8"}
+    if mode == "int4":
+        config["group_size"] = group_size
+    return config
+
+
+def _check_config(config: dict[str, Any], source: str) -> tuple[str, int]:
+    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
+        method = config.get("quant_method") if isinstance(config, dict) else config
+        raise CheckpointError(
+            f"{source}: quantization_config quant_method {method!r} is not supported "
+            f"(gemma2 reads its own {QUANT_METHOD!r} int8/int4 format)"
+        )
+    mode = config.get("weights")
+    if mode not in MODES:
+        raise CheckpointError(f"{source}: quantization_config weights must be one of {MODES}, got {mode!r}")
+    group_size = config.get("group_size", DEFAULT_GROUP_SIZE)
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise CheckpointError(
+            f"{source}: quantization_config group_size must be one of {GROUP_SIZES}, got {group_size}"
+        )
+    return mode, int(group_size)
+
+
+def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    backbone: Any = getattr(model, "backbone", model)
+    found = []
+    for layer in backbone.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    found.append((parent, name, child))
+    return found
+
+
+def _replace_layers(model: nn.Module, mode: str, group_size: int, make: str) -> None:
+    """Swap every decoder linear, the embedding and the LM head for quantized layers.
+
+    make="quantize" quantizes the existing weights; make="empty" builds meta skeletons to load into.
+    """
+    linears = _layer_linears(model)
+    if mode == "int4":
+        for parent, name, linear in linears:
+            if linear.in_features % group_size:
+                raise InputError(
+                    f"int4 group size {group_size} does not divide the input size {linear.in_features} "
+                    f"of {type(parent).__name__}.{name}; choose one of {GROUP_SIZES} that does"
+                )
+    for parent, name, linear in linears:
+        bias = linear.bias is not None
+        if make == "empty":
+            new: nn.Module = (
+                Int8Linear(linear.in_features, linear.out_features, bias, device="meta")
+                if mode == "int8"
+                else Int4Linear(linear.in_features, linear.out_features, group_size, bias, device="meta")
+            )
+        else:
+            new = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+        setattr(parent, name, new)
+    backbone: Any = getattr(model, "backbone", model)
+    embedding = backbone.embed_tokens
+    if make == "empty":
+        backbone.embed_tokens = Int8Embedding(
+            embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta"
+        )
+    else:
+        backbone.embed_tokens = Int8Embedding.from_embedding(embedding)
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        if model.config.tie_word_embeddings:  # type: ignore[union-attr]
+            model.lm_head = backbone.embed_tokens.as_linear()
+        elif make == "empty":
+            model.lm_head = Int8Linear(head.in_features, head.out_features, head.bias is not None, device="meta")
+        else:
+            model.lm_head = Int8Linear.from_linear(head)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(module, QuantizedLayer) for module in model.modules())
+
+
+def quantize(model: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
+    """Quantize a loaded Gemma 2 model's weights in place (see the module docstring); returns it.
+
+    mode "int8": per-output-channel int8 everywhere. mode "int4": group-wise int4 decoder layers
+    (group_size 64, 128 or 256 input weights per scale), int8 embedding and LM head.
+    """
+    if mode not in MODES:
+        raise InputError(f"quantization mode must be one of {MODES}, got {mode!r}")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise InputError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+    if is_quantized(model):
+        raise InputError("the model is already quantized")
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise InputError("cannot quantize a model whose weights are still on the meta device")
+    with torch.no_grad():
+        _replace_layers(model, mode, group_size, make="quantize")
+    model.config.extra["quantization_config"] = quantization_config(mode, group_size)
+    return model
+
+
+def prepare_for_loading(model: Any, config: dict[str, Any], source: str) -> None:
+    """Replace a meta skeleton's layers with empty quantized ones matching a checkpoint's config."""
+    mode, group_size = _check_config(config, source)
+    _replace_layers(model, mode, group_size, make="empty")
+
+
+def stored_dtype_tensors(model: nn.Module) -> dict[str, torch.dtype]:
+    """State-dict names whose stored dtype is part of the format (never converted on load)."""
+    fixed = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            for name in ("weight", "weight_scale"):
+                fixed[f"{prefix}.{name}"] = getattr(module, name).dtype
+    return fixed
