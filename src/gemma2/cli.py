@@ -6,6 +6,8 @@
     gemma2 logits   [--model M] [--ids ...]  one forward pass, summarised
     gemma2 convert  SOURCE --out DIR         original PyTorch / Flax checkpoint -> Hugging Face layout
     gemma2 train    --data FILE --out DIR    fine-tune (causal LM; full or LoRA)
+    gemma2 quantize --out DIR --mode int4    save an int8 / int4 weight-only quantized copy
+    gemma2 bench    [--layers N]             CPU speed: gemma2 (bf16, int8, int4) vs transformers
 
 --model takes a checkpoint directory or a hub id. Without it the commands use the bundled
 default model (see gemma2.default_model) and say so in one line on stderr.
@@ -14,6 +16,7 @@ default model (see gemma2.default_model) and say so in one line on stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -54,7 +57,9 @@ def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple[Gemma2ForCa
     directory = _model_dir(args)
     tok = Gemma2Tokenizer.from_pretrained(directory) if tokenizer else None
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    return Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype), tok
+    quantize = getattr(args, "quantize", None)
+    model = Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype, quantize=quantize, group_size=args.group_size)
+    return model, tok
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,6 +172,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"files: {', '.join(sorted(set(reader.key_to_file.values())))}")
     print(f"parameters: {params:,} (tied LM head counted once)")
     print(f"stored dtype: {', '.join(sorted(dtypes))}; weights: {weight_bytes / 2**20:,.1f} MiB")
+    quantized = config.extra.get("quantization_config")
+    if quantized is not None:
+        print(f"quantization: {json.dumps(quantized)}")
     print(
         f"KV cache at {length} tokens, batch 1, bf16: {cache / 2**20:,.1f} MiB "
         f"(sliding layers keep {config.sliding_window} slots; {everything / 2**20:,.1f} MiB if every layer kept all)"
@@ -196,6 +204,43 @@ def cmd_logits(args: argparse.Namespace) -> int:
     pairs = ", ".join(f"{i}:{v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
     print(f"last position top-5 (id:logit): {pairs}")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Load, quantize, and write the model with its tokenizer files to --out."""
+    import torch
+
+    from gemma2.checkpoint import AtomicDirectory
+    from gemma2.heads import Gemma2ForCausalLM
+
+    directory = _model_dir(args)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
+        raise Gemma2Error(f"{args.out}: exists and is not empty (use --force to replace it)")
+    model = Gemma2ForCausalLM.from_pretrained(
+        directory, dtype=torch.bfloat16, quantize=args.mode, group_size=args.group_size
+    )
+    tokenizer = _tokenizer_if_present(directory)
+    with AtomicDirectory(args.out, keep_other_files=False) as scratch:
+        model.save_pretrained(scratch)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(scratch)
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"wrote {args.out}: {args.mode} weights, {size / 2**20:,.1f} MiB of safetensors")
+    return 0
+
+
+def _tokenizer_if_present(directory: Path) -> Any:
+    from gemma2.tokenizer import Gemma2Tokenizer
+
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        return None
+    return Gemma2Tokenizer.from_pretrained(directory)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gemma2 import bench
+
+    return bench.run(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -383,9 +428,20 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
+    if quantize:
+        parser.add_argument(
+            "--quantize",
+            choices=["int8", "int4"],
+            help="quantize the weights after loading (int4: the embedding and LM head stay int8)",
+        )
+    _add_group_size(parser)
+
+
+def _add_group_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-size", type=int, help="int4 weights per scale: 64, 128 (default) or 256")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -484,6 +540,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the state saved in OUT.resume (by Ctrl-C or --save-every)"
     )
     train.set_defaults(run=cmd_train)
+
+    quantize = sub.add_parser(
+        "quantize",
+        help="write a weight-only int8 / int4 quantized copy of a model",
+        description="Quantize a checkpoint's weights (int8 per output channel, or int4 in groups; the embedding "
+        "and tied LM head stay int8) and write it, with its tokenizer, to --out. The result loads with "
+        "--model OUT or Gemma2ForCausalLM.from_pretrained(OUT) without quantizing again.",
+    )
+    quantize.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
+    quantize.add_argument("--out", required=True, help="directory to write (must be new or empty)")
+    quantize.add_argument("--mode", choices=["int8", "int4"], required=True)
+    _add_group_size(quantize)
+    quantize.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    quantize.set_defaults(run=cmd_quantize)
+
+    from gemma2 import bench
+
+    bench_parser = sub.add_parser(
+        "bench",
+        help="CPU speed: gemma2 bf16 / int8 / int4 against transformers on random weights",
+        description=(bench.__doc__ or "").split("\n\n")[0],
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=cmd_bench)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
     logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids (default: <bos> 10..24)")

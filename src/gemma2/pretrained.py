@@ -233,7 +233,9 @@ class Gemma2PreTrainedModel(nn.Module):
             logger.info("%s: ignored checkpoint keys: %s", cls.__name__, ", ".join(plan.ignored))
         if quantize is not None:
             if stored_quantized is not None:
-                raise CheckpointError(f"{directory}: the checkpoint is already quantized; load it without quantize=")
+                raise CheckpointError(
+                    f"{directory}: the checkpoint is already quantized; load it as it is (no quantize / --quantize)"
+                )
             quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE)
         return model.eval()
 
