@@ -5,12 +5,13 @@
  * these kernels read each weight row once for up to MAX_ROWS activation rows and stay close to
  * the bandwidth of a plain reduction.
  *
- * Every kernel computes y[m, n] = sum_k x[m, k] * w[n, k] with float32 accumulation and writes
- * bf16 (round to nearest even), like torch.nn.functional.linear in bf16. Layouts:
- *   x      bf16 [M, K] (float32 [M, K] for the int8 kernel, converted once by the caller)
+ * Every kernel computes y[m, n] = sum_k x[m, k] * w[n, k] and writes bf16 (round to nearest even),
+ * like torch.nn.functional.linear in bf16: float32 accumulation for bf16 weights, exact integer
+ * accumulation against int16-quantized activations for int8 and int4 weights. Layouts:
+ *   x      bf16 [M, K]
  *   bf16   w bf16 [N, K]
  *   int8   q int8 [N, K], one float32 scale per row: w = q * scale[n]
- *   int4   q uint8 [N, K / 2], float32 scales [N, K / G]: w = bf16((nibble - 8) * scale[n, k / G]).
+ *   int4   q uint8 [N, K / 2], float32 scales [N, K / G]: w = (nibble - 8) * scale[n, k / G].
  *          Each block of 64 weights is 32 bytes; byte j holds weight j in its low nibble and
  *          weight j + 32 in its high nibble.
  * Rows are split across OpenMP threads (the caller passes torch's thread count; the library
@@ -19,6 +20,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_ROWS 8
@@ -54,148 +56,205 @@ INLINE void bf16_block(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
         for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
 }
 
-INLINE void bf16_all(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K, int threads,
-                     const int M, const int R) {
-    int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < full; n += R) bf16_block(x, w, y, n, N, K, M, R);
-    for (int64_t n = full; n < N; n++) bf16_block(x, w, y, n, N, K, M, 1);
-}
+/* One function per (M, R): the block size must be a literal inside the OpenMP region, which is
+ * outlined into its own function, so that the accumulators stay in registers. */
+#define BF16_ROWS(M, R)                                                                                           \
+    static void bf16_rows_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,            \
+                              int threads) {                                                                      \
+        int64_t full = N / R * R;                                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < full; n += R) bf16_block(x, w, y, n, N, K, M, R);                                 \
+        for (int64_t n = full; n < N; n++) bf16_block(x, w, y, n, N, K, M, 1);                                    \
+    }
+BF16_ROWS(1, 8)
+BF16_ROWS(2, 4)
+BF16_ROWS(3, 4)
+BF16_ROWS(4, 4)
+BF16_ROWS(5, 4)
+BF16_ROWS(6, 3)
+BF16_ROWS(7, 3)
+BF16_ROWS(8, 3)
 
 void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
                         int threads) {
-    switch (M) {
-    case 1: bf16_all(x, w, y, N, K, threads, 1, 8); break;
-    case 2: bf16_all(x, w, y, N, K, threads, 2, 4); break;
-    case 3: bf16_all(x, w, y, N, K, threads, 3, 4); break;
-    case 4: bf16_all(x, w, y, N, K, threads, 4, 2); break;
-    case 5: bf16_all(x, w, y, N, K, threads, 5, 2); break;
-    case 6: bf16_all(x, w, y, N, K, threads, 6, 2); break;
-    case 7: bf16_all(x, w, y, N, K, threads, 7, 2); break;
-    default: bf16_all(x, w, y, N, K, threads, 8, 2); break;
-    }
+    static void (*const rows[MAX_ROWS + 1])(const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t,
+                                            int) = {0,           bf16_rows_1, bf16_rows_2, bf16_rows_3, bf16_rows_4,
+                                                    bf16_rows_5, bf16_rows_6, bf16_rows_7, bf16_rows_8};
+    rows[M](x, w, y, N, K, threads);
 }
 
-/* ---- int8 weights, one scale per output row ------------------------------------------------ */
+/* ---- quantized weights: integer dot products ------------------------------------------------
+ *
+ * The activations are quantized per row to int16 (x = x_q * x_scale, x_scale = max|x| / 32767,
+ * finer than bf16's 8-bit mantissa for every element within 1/128 of the row's largest) and the
+ * dot products with the integer weights run exactly in int32 (AVX-512 VNNI), then are scaled in
+ * float32. Converting the weights to float would cost more instructions than the memory allows. */
 
-INLINE void int8_block(const float *x, const int8_t *q, const float *scale, uint16_t *y, int64_t n, int64_t N,
-                       int64_t K, const int M, const int R) {
-    __m512 acc[MAX_ROWS][4];
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
-    const int8_t *rows = q + n * K;
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 wv[4];
-        for (int r = 0; r < R; r++)
-            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(rows + r * K + k))));
-        for (int m = 0; m < M; m++) {
-            __m512 xv = _mm512_loadu_ps(x + m * K + k);
-            for (int r = 0; r < R; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+#define INT16_RANGE 32767.0f
+/* int32 lanes take 2 * 32767 * 127 per step at most: flush to float32 every FLUSH weights. */
+#define FLUSH 4096
+
+/* x bf16 [M, K] -> x_q int16 [M, K] and one scale per row. */
+static void quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++) {
+        __m512 peak = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
+            peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+        }
+        float largest = _mm512_reduce_max_ps(peak);
+        x_scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
+        __m512 inverse = _mm512_set1_ps(1.0f / x_scale[m]);
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
+            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)); /* round to nearest even */
+            _mm256_storeu_si256((__m256i *)(x_q + m * K + k), _mm512_cvtsepi32_epi16(rounded));
         }
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]) * scale[n + r]);
 }
 
-INLINE void int8_all(const float *x, const int8_t *q, const float *scale, uint16_t *y, int64_t N, int64_t K,
-                     int threads, const int M, const int R) {
-    int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < full; n += R) int8_block(x, q, scale, y, n, N, K, M, R);
-    for (int64_t n = full; n < N; n++) int8_block(x, q, scale, y, n, N, K, M, 1);
-}
-
-void gemma2_linear_int8(const float *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
-                        int64_t K, int threads) {
-    switch (M) {
-    case 1: int8_all(x, q, scale, y, N, K, threads, 1, 4); break;
-    case 2: int8_all(x, q, scale, y, N, K, threads, 2, 4); break;
-    case 3: int8_all(x, q, scale, y, N, K, threads, 3, 2); break;
-    case 4: int8_all(x, q, scale, y, N, K, threads, 4, 2); break;
-    case 5: int8_all(x, q, scale, y, N, K, threads, 5, 2); break;
-    case 6: int8_all(x, q, scale, y, N, K, threads, 6, 2); break;
-    case 7: int8_all(x, q, scale, y, N, K, threads, 7, 2); break;
-    default: int8_all(x, q, scale, y, N, K, threads, 8, 2); break;
+INLINE void int8_block(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale, uint16_t *y,
+                       int64_t n, int64_t N, int64_t K, const int M, const int R) {
+    float total[MAX_ROWS][8] = {{0}};
+    const int8_t *rows = q + n * K;
+    for (int64_t start = 0; start < K; start += FLUSH) {
+        const int64_t stop = start + FLUSH < K ? start + FLUSH : K;
+        __m512i acc[MAX_ROWS][8];
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_si512();
+        for (int64_t k = start; k < stop; k += 32) {
+            __m512i wv[8];
+            for (int r = 0; r < R; r++)
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(rows + r * K + k)));
+            for (int m = 0; m < M; m++) {
+                __m512i xv = _mm512_loadu_si512(x + m * K + k);
+                for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);
+            }
+        }
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < R; r++) total[m][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r]));
     }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(total[m][r] * x_scale[m] * scale[n + r]);
+}
+
+#define INT8_ROWS(M, R)                                                                                           \
+    static void int8_rows_##M(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale,        \
+                              uint16_t *y, int64_t N, int64_t K, int threads) {                                   \
+        int64_t full = N / R * R;                                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < full; n += R) int8_block(x, x_scale, q, scale, y, n, N, K, M, R);                 \
+        for (int64_t n = full; n < N; n++) int8_block(x, x_scale, q, scale, y, n, N, K, M, 1);                    \
+    }
+INT8_ROWS(1, 8)
+INT8_ROWS(2, 4)
+INT8_ROWS(3, 4)
+INT8_ROWS(4, 4)
+INT8_ROWS(5, 4)
+INT8_ROWS(6, 3)
+INT8_ROWS(7, 3)
+INT8_ROWS(8, 3)
+
+void gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
+                        int64_t K, int threads) {
+    static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const int8_t *, const float *,
+                                            uint16_t *, int64_t, int64_t, int) = {
+        0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
+    int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+    float x_scale[MAX_ROWS];
+    quantize_rows(x, x_q, x_scale, M, K);
+    rows[M](x_q, x_scale, q, scale, y, N, K, threads);
+    free(x_q);
 }
 
 /* ---- int4 weights, one scale per group of G weights ----------------------------------------- */
 
-/* The 16 weights a nibble can stand for in one group, bf16((nibble - 8) * scale), in the low 16
- * words of a vector: one word permute turns 32 nibbles into 32 bf16 weights, so the products are
- * exactly those of the dequantized bf16 matrix. */
-INLINE __m512i nibble_table(float scale) {
-    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i words = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(levels, _mm512_set1_ps(scale)));
-    return _mm512_broadcast_i64x4(words);
-}
-
-/* 64 weights (32 bytes) -> two vectors of 32 bf16 weights: k..k+31 and k+32..k+63. */
-INLINE void unpack64(const uint8_t *bytes, __m512i table, __m512bh *low, __m512bh *high) {
+/* 64 weights (32 bytes) -> two vectors of 32 int16 weights (nibble - 8): k..k+31 and k+32..k+63. */
+INLINE void unpack64(const uint8_t *bytes, __m512i *low, __m512i *high) {
+    const __m512i eight = _mm512_set1_epi16(8);
     __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)bytes));
-    *low = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0xF)), table);
-    *high = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+    *low = _mm512_sub_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0xF)), eight);
+    *high = _mm512_sub_epi16(_mm512_srli_epi16(words, 4), eight);
 }
 
-INLINE void int4_block(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t n, int64_t N,
-                       int64_t K, int64_t G, const int M, const int R) {
-    __m512 acc[MAX_ROWS][8];
+INLINE void int4_block(const int16_t *x, const float *x_scale, const uint8_t *q, const float *scale, uint16_t *y,
+                       int64_t n, int64_t N, int64_t K, int64_t G, const int M, const int R) {
+    __m512 total[MAX_ROWS][4];
     for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) total[m][r] = _mm512_setzero_ps();
     const int64_t groups = K / G;
     for (int64_t g = 0; g < groups; g++) {
-        __m512i table[8];
-        for (int r = 0; r < R; r++) table[r] = nibble_table(scale[(n + r) * groups + g]);
+        __m512i acc[MAX_ROWS][4];
+        for (int m = 0; m < M; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_si512();
         for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-            __m512bh low[8], high[8];
-            for (int r = 0; r < R; r++) unpack64(q + ((n + r) * K + k) / 2, table[r], &low[r], &high[r]);
+            __m512i low[4], high[4];
+            for (int r = 0; r < R; r++) unpack64(q + ((n + r) * K + k) / 2, &low[r], &high[r]);
             for (int m = 0; m < M; m++) {
-                __m512bh x_low = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-                __m512bh x_high = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+                __m512i x_low = _mm512_loadu_si512(x + m * K + k), x_high = _mm512_loadu_si512(x + m * K + k + 32);
                 for (int r = 0; r < R; r++)
-                    acc[m][r] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[m][r], x_low, low[r]), x_high, high[r]);
+                    acc[m][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][r], x_low, low[r]), x_high, high[r]);
             }
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 group_scale = _mm512_set1_ps(scale[(n + r) * groups + g]);
+            for (int m = 0; m < M; m++)
+                total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), group_scale, total[m][r]);
         }
     }
     for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(total[m][r]) * x_scale[m]);
 }
 
-INLINE void int4_all(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t N, int64_t K,
-                     int64_t G, int threads, const int M, const int R) {
-    int64_t full = N / R * R;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < full; n += R) int4_block(x, q, scale, y, n, N, K, G, M, R);
-    for (int64_t n = full; n < N; n++) int4_block(x, q, scale, y, n, N, K, G, M, 1);
-}
+#define INT4_ROWS(M, R)                                                                                           \
+    static void int4_rows_##M(const int16_t *x, const float *x_scale, const uint8_t *q, const float *scale,       \
+                              uint16_t *y, int64_t N, int64_t K, int64_t G, int threads) {                        \
+        int64_t full = N / R * R;                                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < full; n += R) int4_block(x, x_scale, q, scale, y, n, N, K, G, M, R);              \
+        for (int64_t n = full; n < N; n++) int4_block(x, x_scale, q, scale, y, n, N, K, G, M, 1);                 \
+    }
+INT4_ROWS(1, 4)
+INT4_ROWS(2, 4)
+INT4_ROWS(3, 2)
+INT4_ROWS(4, 2)
+INT4_ROWS(5, 1)
+INT4_ROWS(6, 1)
+INT4_ROWS(7, 1)
+INT4_ROWS(8, 1)
 
 void gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
                         int64_t K, int64_t G, int threads) {
-    switch (M) {
-    case 1: int4_all(x, q, scale, y, N, K, G, threads, 1, 8); break;
-    case 2: int4_all(x, q, scale, y, N, K, G, threads, 2, 4); break;
-    case 3: int4_all(x, q, scale, y, N, K, G, threads, 3, 4); break;
-    case 4: int4_all(x, q, scale, y, N, K, G, threads, 4, 2); break;
-    case 5: int4_all(x, q, scale, y, N, K, G, threads, 5, 2); break;
-    case 6: int4_all(x, q, scale, y, N, K, G, threads, 6, 2); break;
-    case 7: int4_all(x, q, scale, y, N, K, G, threads, 7, 2); break;
-    default: int4_all(x, q, scale, y, N, K, G, threads, 8, 2); break;
-    }
+    static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const uint8_t *, const float *,
+                                            uint16_t *, int64_t, int64_t, int64_t, int) = {
+        0, int4_rows_1, int4_rows_2, int4_rows_3, int4_rows_4, int4_rows_5, int4_rows_6, int4_rows_7, int4_rows_8};
+    int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+    float x_scale[MAX_ROWS];
+    quantize_rows(x, x_q, x_scale, M, K);
+    rows[M](x_q, x_scale, q, scale, y, N, K, G, threads);
+    free(x_q);
 }
 
-/* Whole int4 matrix to bf16 [N, K], for prompts (many rows), where a bf16 matmul is faster. */
+/* Whole int4 matrix to bf16 [N, K], for prompts (many rows), where a bf16 matmul is faster:
+ * w = bf16((nibble - 8) * scale). */
 void gemma2_dequantize_int4(const uint8_t *q, const float *scale, uint16_t *out, int64_t N, int64_t K, int64_t G,
                             int threads) {
     const int64_t groups = K / G;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t g = 0; g < groups; g++) {
-            __m512i table = nibble_table(scale[n * groups + g]);
+            __m512 group_scale = _mm512_set1_ps(scale[n * groups + g]);
             for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-                __m512bh low, high;
-                unpack64(q + (n * K + k) / 2, table, &low, &high);
-                _mm512_storeu_si512(out + n * K + k, (__m512i)low);
-                _mm512_storeu_si512(out + n * K + k + 32, (__m512i)high);
+                __m512i low, high;
+                unpack64(q + (n * K + k) / 2, &low, &high);
+                __m512i halves[4] = {_mm512_cvtepi16_epi32(_mm512_castsi512_si256(low)),
+                                     _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(low, 1)),
+                                     _mm512_cvtepi16_epi32(_mm512_castsi512_si256(high)),
+                                     _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(high, 1))};
+                for (int h = 0; h < 4; h++) {
+                    __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(halves[h]), group_scale);
+                    _mm256_storeu_si256((__m256i *)(out + n * K + k + 16 * h), (__m256i)_mm512_cvtneps_pbh(w));
+                }
             }
         }
     }

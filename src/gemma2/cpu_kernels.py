@@ -8,7 +8,7 @@ runs close to the bandwidth of a plain reduction (see `gemma2 bench`).
 The C file ships with the package and is compiled on first use with the system C compiler into
 the cache (keyed by its sha256), then loaded with ctypes. Everything falls back to PyTorch's own
 kernels when the library cannot be used: not x86-64 Linux, no AVX-512 BF16, no compiler, or
-GEMMA2_NATIVE_KERNELS=0. The kernels only run where they are exact stand-ins for F.linear in
+GEMMA2_NATIVE_KERNELS=0. The bf16 kernel only runs where they are exact stand-ins for F.linear in
 bf16: CPU tensors, bf16 activations, no autograd, at most MAX_ROWS rows, K a multiple of 32.
 """
 
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in cpu_kernels.c
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
+FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -45,7 +46,7 @@ def _cpu_supports_kernels() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+    return all(f" {feature}" in flags for feature in CPU_FEATURES)
 
 
 def _build(directory: Path) -> Path:
@@ -129,7 +130,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     """x [..., K] bf16 times (int8 weight [N, K] * float32 scale [N]) -> [..., N] bf16."""
     library = _library()
     assert library is not None
-    rows = _rows(x).float()
+    rows = _rows(x)
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16)
     library.gemma2_linear_int8(
         rows.data_ptr(),

@@ -8,12 +8,14 @@ the matmul. The decoder layers' linear layers take the chosen width; the embeddi
 the tied LM head (the largest single matrix, read once per generated token), are always int8 with
 one scale per vocabulary row, so output quality is not bought with a coarser vocabulary.
 
-Arithmetic (what the tests compare against, "dequantized reference math"):
+Arithmetic ("dequantized reference math", what the tests compare against):
     int8: w = q * scale[n]                       q in [-127, 127], scale = max|w[n, :]| / 127
-    int4: w = bf16((q - 8) * scale[n, k // G])   q in [0, 15], scale = max|w[n, group]| / 7
-and y = x @ w^T with float32 accumulation. Decode-sized inputs run in cpu_kernels (or PyTorch's
-_weight_int8pack_mm / _weight_int4pack_mm_for_cpu where those are unavailable); prompts expand a
-block of weight rows at a time and use the bf16 matmul, which is faster for many rows.
+    int4: w = (q - 8) * scale[n, k // G]         q in [0, 15], scale = max|w[n, group]| / 7
+and y = x @ w^T. Prompts (many rows) expand a block of weight rows at a time to the activation
+dtype and use the bf16 matmul. Decode-sized inputs run in cpu_kernels, which multiplies the integer
+weights with the activations quantized per row to int16 (finer than bf16 for every element within
+1/128 of the row's largest) in exact integer arithmetic and scales in float32; where those kernels
+are unavailable, PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu do it.
 
 Checkpoint format (safetensors; config.json gets "quantization_config"):
     <linear>.weight         int8 [N, K]        or uint8 [N, K/2] (int4, two weights per byte)
