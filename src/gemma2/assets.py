@@ -4,7 +4,8 @@ The Gemma tokenizer (the same tokenizer.model as Google's and the hub's) is publ
 inside the pure-Python wheel `maxtext==0.2.5`; it is fetched with pip (the one registry every
 machine that installed this package can reach), checked by sha256, and cached.
 
-    python -m gemma2.assets          # fetch now (the Makefile does this while installing)
+    python -m gemma2.assets          # fetch now (the Makefile does this while installing);
+                                     # also compiles the native CPU kernels (gemma2.cpu_kernels)
 
 The cache lives in $GEMMA2_CACHE, else $XDG_CACHE_HOME/gemma2, else ~/.cache/gemma2.
 """
@@ -93,6 +94,11 @@ def main() -> int:
         print(f"gemma2: error: {error}", file=sys.stderr)
         return 2
     print(f"Gemma tokenizer: {path} (sha256 {TOKENIZER_SHA256[:12]}...)")
+    from gemma2 import cpu_kernels
+
+    # Compiled now rather than on the first generation (a few seconds); optional: PyTorch's kernels
+    # take over where this CPU or machine cannot build them.
+    print(f"native CPU kernels: {'built' if cpu_kernels.available() else 'not available, using PyTorch kernels'}")
     return 0
 
 

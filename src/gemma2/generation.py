@@ -102,6 +102,7 @@ def generate_steps(
         raise InputError("a row of the prompt is all padding (its attention_mask is all zeros)")
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
+    padded = not bool(attention_mask.all())
     total = T + max_new_tokens
     cache = Gemma2Cache(config, max_length=total)
     mask = torch.zeros(B, total, dtype=torch.long, device=device)
@@ -127,7 +128,8 @@ def generate_steps(
             mask[:, T + step] = 1
             logits = model(
                 tokens[:, None],
-                attention_mask=mask[:, : T + step + 1],
+                # Without padding every slot is real: no mask to gather in every layer.
+                attention_mask=mask[:, : T + step + 1] if padded else None,
                 position_ids=next_position,
                 past_key_values=cache,
                 logits_to_keep=1,
