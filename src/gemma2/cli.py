@@ -58,6 +58,8 @@ def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple[Gemma2ForCa
     tok = Gemma2Tokenizer.from_pretrained(directory) if tokenizer else None
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     quantize = getattr(args, "quantize", None)
+    if args.group_size is not None and quantize != "int4":
+        raise Gemma2Error("--group-size applies only with --quantize int4")
     model = Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype, quantize=quantize, group_size=args.group_size)
     return model, tok
 

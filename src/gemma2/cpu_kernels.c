@@ -94,14 +94,19 @@ void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
 /* int32 lanes take 2 * 32767 * 127 per step at most: flush to float32 every FLUSH weights. */
 #define FLUSH 4096
 
-/* x bf16 [M, K] -> x_q int16 [M, K] and one scale per row. */
-static void quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64_t M, int64_t K) {
+/* x bf16 [M, K] -> x_q int16 [M, K] and one scale per row. Returns 0, or 1 without writing when
+ * an activation is NaN or infinite (the caller then computes in floating point, which propagates it). */
+static int quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64_t M, int64_t K) {
+    const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
     for (int64_t m = 0; m < M; m++) {
         __m512 peak = _mm512_setzero_ps();
+        __mmask16 bad = 0;
         for (int64_t k = 0; k < K; k += 16) {
             __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
+            bad |= _mm512_fpclass_ps_mask(v, non_finite);
             peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
         }
+        if (bad) return 1;
         float largest = _mm512_reduce_max_ps(peak);
         x_scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
         __m512 inverse = _mm512_set1_ps(1.0f / x_scale[m]);
@@ -111,6 +116,7 @@ static void quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64
             _mm256_storeu_si256((__m256i *)(x_q + m * K + k), _mm512_cvtsepi32_epi16(rounded));
         }
     }
+    return 0;
 }
 
 INLINE void int8_block(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale, uint16_t *y,
@@ -155,16 +161,18 @@ INT8_ROWS(6, 3)
 INT8_ROWS(7, 3)
 INT8_ROWS(8, 3)
 
-void gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
-                        int64_t K, int threads) {
+/* Returns 1 (and computes nothing) for non-finite activations, else 0. */
+int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
+                       int64_t K, int threads) {
     static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const int8_t *, const float *,
                                             uint16_t *, int64_t, int64_t, int) = {
         0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
     int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
     float x_scale[MAX_ROWS];
-    quantize_rows(x, x_q, x_scale, M, K);
-    rows[M](x_q, x_scale, q, scale, y, N, K, threads);
+    int non_finite = quantize_rows(x, x_q, x_scale, M, K);
+    if (!non_finite) rows[M](x_q, x_scale, q, scale, y, N, K, threads);
     free(x_q);
+    return non_finite;
 }
 
 /* ---- int4 weights, one scale per group of G weights ----------------------------------------- */
@@ -223,16 +231,18 @@ INT4_ROWS(6, 1)
 INT4_ROWS(7, 1)
 INT4_ROWS(8, 1)
 
-void gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
-                        int64_t K, int64_t G, int threads) {
+/* Returns 1 (and computes nothing) for non-finite activations, else 0. */
+int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
+                       int64_t K, int64_t G, int threads) {
     static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const uint8_t *, const float *,
                                             uint16_t *, int64_t, int64_t, int64_t, int) = {
         0, int4_rows_1, int4_rows_2, int4_rows_3, int4_rows_4, int4_rows_5, int4_rows_6, int4_rows_7, int4_rows_8};
     int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
     float x_scale[MAX_ROWS];
-    quantize_rows(x, x_q, x_scale, M, K);
-    rows[M](x_q, x_scale, q, scale, y, N, K, G, threads);
+    int non_finite = quantize_rows(x, x_q, x_scale, M, K);
+    if (!non_finite) rows[M](x_q, x_scale, q, scale, y, N, K, G, threads);
     free(x_q);
+    return non_finite;
 }
 
 /* Whole int4 matrix to bf16 [N, K], for prompts (many rows), where a bf16 matmul is faster:

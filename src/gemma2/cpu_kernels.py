@@ -81,6 +81,7 @@ def _library() -> ctypes.CDLL | None:
     except OSError as error:
         logger.warning("gemma2: native CPU kernels unavailable, using PyTorch's (%s)", error)
         return None
+    library.gemma2_linear_int8.restype = library.gemma2_linear_int4.restype = ctypes.c_int
     library.gemma2_linear_bf16.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_linear_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_linear_int4.argtypes = [
@@ -126,13 +127,16 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 times (int8 weight [N, K] * float32 scale [N]) -> [..., N] bf16."""
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [..., K] bf16 times (int8 weight [N, K] * float32 scale [N]) -> [..., N] bf16.
+
+    None when x holds NaN or infinities (the integer kernel cannot carry them; compute in floats).
+    """
     library = _library()
     assert library is not None
-    rows = _rows(x)
+    rows, weight, scale = _rows(x), weight.contiguous(), scale.contiguous()
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16)
-    library.gemma2_linear_int8(
+    non_finite = library.gemma2_linear_int8(
         rows.data_ptr(),
         weight.data_ptr(),
         scale.data_ptr(),
@@ -141,16 +145,19 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
         weight.shape[1],
         torch.get_num_threads(),
     )
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return None if non_finite else out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [..., K] bf16 times int4 weights (packed uint8 [N, K/2], scales [N, K/G]) -> [..., N] bf16."""
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """x [..., K] bf16 times int4 weights (packed uint8 [N, K/2], scales [N, K/G]) -> [..., N] bf16.
+
+    None when x holds NaN or infinities, as linear_int8.
+    """
     library = _library()
     assert library is not None
-    rows = _rows(x)
+    rows, packed, scale = _rows(x), packed.contiguous(), scale.contiguous()
     out = torch.empty(rows.shape[0], packed.shape[0], dtype=torch.bfloat16)
-    library.gemma2_linear_int4(
+    non_finite = library.gemma2_linear_int4(
         rows.data_ptr(),
         packed.data_ptr(),
         scale.data_ptr(),
@@ -160,7 +167,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, grou
         group_size,
         torch.get_num_threads(),
     )
-    return out.view(*x.shape[:-1], packed.shape[0])
+    return None if non_finite else out.view(*x.shape[:-1], packed.shape[0])
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from gemma2.checkpoint import (
     write_safetensors,
 )
 from gemma2.config import Gemma2Config
+from gemma2.errors import InputError
 from gemma2.generation import read_generation_config
 
 logger = logging.getLogger("gemma2")
@@ -191,6 +192,8 @@ class Gemma2PreTrainedModel(nn.Module):
         """
         from gemma2 import quantization
 
+        if group_size is not None and quantize is None:
+            raise InputError("group_size applies only with quantize='int4'")
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
         directory = resolve_checkpoint_dir(path, revision=revision, cache_dir=cache_dir, token=token)
         if config is None:

@@ -135,13 +135,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight_scale.float()
+        out = None
         if cpu_kernels.applies(x, scale):
-            out = cpu_kernels.linear_int8(x, self.weight, scale)
+            out = cpu_kernels.linear_int8(x, self.weight, scale)  # None for non-finite x
         elif x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS and x.device.type == "cpu" and not x.requires_grad:
             rows = x.reshape(-1, self.in_features)
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, scale.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
-        else:
+        if out is None:
             out = _blockwise_linear(
                 x, self.out_features, lambda lo, hi: dequantize_int8(self.weight[lo:hi], scale[lo:hi]).to(x.dtype)
             )
@@ -203,6 +204,7 @@ class Int4Linear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
         if cpu_kernels.applies(x, self.weight_scale):
             out = cpu_kernels.linear_int4(x, self.weight, self.weight_scale.float(), self.group_size)
         elif (
@@ -210,9 +212,10 @@ class Int4Linear(nn.Module):
             and x.device.type == "cpu"
             and x.dtype == torch.bfloat16
             and not x.requires_grad
+            and self.out_features % 16 == 0  # PyTorch's int4 layout packs 16 output rows together
         ):
             out = self._torch_kernel(x)
-        else:
+        if out is None:
             out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
@@ -366,7 +369,10 @@ def quantize(model: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any
 def prepare_for_loading(model: Any, config: dict[str, Any], source: str) -> None:
     """Replace a meta skeleton's layers with empty quantized ones matching a checkpoint's config."""
     mode, group_size = _check_config(config, source)
-    _replace_layers(model, mode, group_size, make="empty")
+    try:
+        _replace_layers(model, mode, group_size, make="empty")
+    except InputError as error:
+        raise CheckpointError(f"{source}: quantization_config does not fit the model: {error}") from None
 
 
 def stored_dtype_tensors(model: nn.Module) -> dict[str, torch.dtype]:
