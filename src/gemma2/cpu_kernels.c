@@ -269,3 +269,16 @@ void gemma2_dequantize_int4(const uint8_t *q, const float *scale, uint16_t *out,
         }
     }
 }
+
+/* Whole int8 matrix to bf16 [N, K]: w = bf16(q * scale[n]). */
+void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        __m512 row_scale = _mm512_set1_ps(scale[n]);
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512i ints = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + n * K + k)));
+            __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), row_scale);
+            _mm256_storeu_si256((__m256i *)(out + n * K + k), (__m256i)_mm512_cvtneps_pbh(w));
+        }
+    }
+}

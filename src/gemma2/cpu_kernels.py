@@ -90,6 +90,7 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     library.gemma2_dequantize_int4.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
+    library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
     return library
 
 
@@ -178,6 +179,18 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) 
     out = torch.empty(N, K, dtype=torch.bfloat16)
     library.gemma2_dequantize_int4(
         packed.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, group_size, torch.get_num_threads()
+    )
+    return out
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The bf16 weight [N, K] of int8 weights [N, K] with float32 row scales [N] (K % 16 == 0)."""
+    library = _library()
+    assert library is not None
+    weight, scale = weight.contiguous(), scale.contiguous()
+    out = torch.empty(weight.shape, dtype=torch.bfloat16)
+    library.gemma2_dequantize_int8(
+        weight.data_ptr(), scale.data_ptr(), out.data_ptr(), *weight.shape, torch.get_num_threads()
     )
     return out
 

@@ -133,6 +133,12 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale)
 
+    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = self.weight[lo:hi], self.weight_scale[lo:hi].float()
+        if dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[1] % 16 == 0 and cpu_kernels.available():
+            return cpu_kernels.dequantize_int8(q, scale)
+        return dequantize_int8(q, scale).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight_scale.float()
         out = None
@@ -143,9 +149,7 @@ class Int8Linear(nn.Module):
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, scale.to(x.dtype))
             out = out.view(*x.shape[:-1], self.out_features)
         if out is None:
-            out = _blockwise_linear(
-                x, self.out_features, lambda lo, hi: dequantize_int8(self.weight[lo:hi], scale[lo:hi]).to(x.dtype)
-            )
+            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
