@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gemma2 import cpu_kernels
+
 # Largest float32 score block (bytes) the tiled kernel holds at once.
 DEFAULT_SCORE_BUDGET_BYTES = 256 * 1024 * 1024
 
@@ -111,6 +113,10 @@ def attention(
     if score_budget_bytes is None:
         score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
     B, H, T, _ = query.shape
+    if dropout == 0.0 and mask.query_segments is None and cpu_kernels.decode_attention_applies(query, key, value):
+        # One new token: a native kernel reads the cache once (same roundings as below).
+        visible = mask.allowed(0, 1)[:, 0, 0, :]  # [B or 1, S]
+        return cpu_kernels.decode_attention(query, key, value, visible, scaling, softcap)
     S = key.shape[2]
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.
     row_bytes = B * H * S * 8

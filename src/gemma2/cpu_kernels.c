@@ -19,6 +19,7 @@
  * Requirements checked by the Python side: K % 32 == 0, G % 64 == 0, M <= MAX_ROWS.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -280,5 +281,75 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
             __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), row_scale);
             _mm256_storeu_si256((__m256i *)(out + n * K + k), (__m256i)_mm512_cvtneps_pbh(w));
         }
+    }
+}
+
+/* ---- attention of one new token over the cache ------------------------------------------------
+ *
+ * What eager attention computes for a single query, reading each cached key and value once, with
+ * the reference's roundings: scores are bf16 (the bf16 matmul's output), scaled, divided by the cap,
+ * tanh'd and multiplied back each in bf16; softmax in float32 over the visible keys; probabilities
+ * rounded to bf16 before the float32-accumulated weighted sum of values.
+ *   q [B, H, D], keys/values [B, K, S, D] with element strides (batch, head) given, slots dense;
+ *   visible uint8 [B, S]; out [B, H, D]. Query head h reads key/value head h / (H / K).
+ * Rows with no visible key get zeros (the reference's fully masked rows are padding). */
+INLINE float round_bf16(float value) {
+    uint32_t bits = (uint32_t)to_bf16(value) << 16;
+    float rounded;
+    memcpy(&rounded, &bits, sizeof rounded);
+    return rounded;
+}
+
+INLINE float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+    return _mm512_reduce_add_ps(acc);
+}
+
+void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *visible,
+                             uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
+                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap,
+                             float *scratch, int threads) {
+    const int64_t G = H / K;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bk = 0; bk < B * K; bk++) {
+        const int64_t b = bk / K, kv = bk % K;
+        const uint16_t *key = keys + b * batch_stride + kv * head_stride;
+        const uint16_t *value = values + b * batch_stride + kv * head_stride;
+        const uint8_t *seen = visible + b * S;
+        float *probs = scratch + bk * (G * S + G * D); /* [G, S] */
+        float *acc = probs + G * S;                     /* [G, D] */
+        for (int64_t g = 0; g < G; g++) {
+            const uint16_t *query = q + (b * H + kv * G + g) * D;
+            float *p = probs + g * S, largest = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                if (!seen[s]) continue;
+                float score = round_bf16(round_bf16(dot_bf16(query, key + s * D, D)) * scaling);
+                if (softcap > 0) score = round_bf16(round_bf16(tanhf(round_bf16(score / softcap))) * softcap);
+                p[s] = score;
+                if (score > largest) largest = score;
+            }
+            float total = 0;
+            for (int64_t s = 0; s < S; s++) {
+                if (!seen[s]) continue;
+                p[s] = expf(p[s] - largest);
+                total += p[s];
+            }
+            for (int64_t s = 0; s < S; s++) p[s] = seen[s] ? round_bf16(p[s] / total) : 0.0f;
+            for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0;
+        }
+        for (int64_t s = 0; s < S; s++) {
+            if (!seen[s]) continue;
+            for (int64_t d = 0; d < D; d += 16) {
+                __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + s * D + d)));
+                for (int64_t g = 0; g < G; g++) {
+                    __m512 sum = _mm512_loadu_ps(acc + g * D + d);
+                    _mm512_storeu_ps(acc + g * D + d, _mm512_fmadd_ps(_mm512_set1_ps(probs[g * S + s]), v, sum));
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t d = 0; d < D; d++) out[(b * H + kv * G + g) * D + d] = to_bf16(acc[g * D + d]);
     }
 }

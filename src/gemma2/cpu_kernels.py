@@ -61,7 +61,7 @@ def _build(directory: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / library.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
+            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -90,6 +90,14 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     library.gemma2_dequantize_int4.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
+    library.gemma2_decode_attention.argtypes = [
+        *(_c_ptr,) * 5,
+        *(_c_int64,) * 7,
+        ctypes.c_float,
+        ctypes.c_float,
+        _c_ptr,
+        ctypes.c_int,
+    ]
     library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
     return library
 
@@ -179,6 +187,65 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) 
     out = torch.empty(N, K, dtype=torch.bfloat16)
     library.gemma2_dequantize_int4(
         packed.data_ptr(), scale.data_ptr(), out.data_ptr(), N, K, group_size, torch.get_num_threads()
+    )
+    return out
+
+
+def decode_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether decode_attention can take this call: one bf16 query per row over dense cache slots."""
+    _, H, T, D = query.shape
+    return (
+        T == 1
+        and query.dtype == key.dtype == value.dtype == torch.bfloat16
+        and query.device.type == "cpu"
+        and D % 32 == 0
+        and H % key.shape[1] == 0
+        and key.stride() == value.stride()
+        and key.stride(3) == 1
+        and key.stride(2) == D
+        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+        and _library() is not None
+    )
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Eager attention of one query per row (see cpu_kernels.c); [B, H, 1, D] -> [B, 1, H, D].
+
+    visible [B, S] bool says which cache slots each row may attend to.
+    """
+    library = _library()
+    assert library is not None
+    B, H, _, D = query.shape
+    K, S = key.shape[1], key.shape[2]
+    G = H // K
+    query = query.reshape(B, H, D).contiguous()
+    visible = visible.to(torch.uint8).expand(B, S).contiguous()
+    out = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
+    scratch = torch.empty(B * K * G * (S + D), dtype=torch.float32)
+    library.gemma2_decode_attention(
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        visible.data_ptr(),
+        out.data_ptr(),
+        B,
+        H,
+        K,
+        S,
+        D,
+        key.stride(0),
+        key.stride(1),
+        scaling,
+        softcap or 0.0,
+        scratch.data_ptr(),
+        torch.get_num_threads(),
     )
     return out
 
