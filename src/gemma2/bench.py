@@ -29,7 +29,8 @@ decode, batch8, ctx4096, which keep their names in the JSON whatever the lengths
   (memory-mapped weights count once they are read). "whole run" is VmHWM at the end.
 - prefill N tok/s: N tokens / one forward pass `model(ids, logits_to_keep=1)`, batch 1.
 - decode b1 tok/s: greedy decode of `--decode-tokens` tokens after a 512-token prompt; only the
-  decode steps are timed: from the first new token (prefill done) to the last, (n - 1) steps.
+  decode steps are timed: from the first new token (prefill done) to the last, (n - 1) steps, cut
+  into --repeats consecutive runs whose median rate is reported (one prefill, not one per repeat).
   gemma2 is timed through `gemma2.generation.generate_steps` (what `generate` runs), transformers
   through a streamer handed to `generate(..., min_new_tokens=n)`; stopping on eos is disabled, so
   every run decodes exactly n tokens.
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import statistics
@@ -421,14 +423,19 @@ def prefill_rate(runner: Runner, ids: torch.Tensor, repeats: int) -> float:
 
 
 def decode_rate(runner: Runner, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """New tokens per second over the decode steps only (first new token to last)."""
-    spans = []
-    for _ in range(repeats):
-        stamps = runner.generation_stamps(ids, new_tokens)
-        if len(stamps) != new_tokens:
-            raise RuntimeError(f"asked for {new_tokens} new tokens, got {len(stamps)}")
-        spans.append(stamps[-1] - stamps[0])
-    return ids.shape[0] * (new_tokens - 1) / statistics.median(spans)
+    """New tokens per second over the decode steps only (first new token to last).
+
+    One generation (a prompt is not prefilled again for each repeat); its decode steps are cut into
+    `repeats` consecutive runs of equal length, and the median run's rate is reported.
+    """
+    stamps = runner.generation_stamps(ids, new_tokens)
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"asked for {new_tokens} new tokens, got {len(stamps)}")
+    steps = new_tokens - 1
+    runs = max(1, min(repeats, steps))
+    bounds = [round(i * steps / runs) for i in range(runs + 1)]
+    rates = [(hi - lo) / (stamps[hi] - stamps[lo]) for lo, hi in itertools.pairwise(bounds)]
+    return ids.shape[0] * statistics.median(rates)
 
 
 def vm_hwm_gb() -> float:
