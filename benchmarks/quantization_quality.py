@@ -67,7 +67,9 @@ def main() -> None:
     ids = held_out_rows(tokenizer, args.rows)
     decode_ids = ids[: args.decode_rows]
     print(f"demo model {BUNDLED}; {ids.numel():,} held-out tokens, {decode_ids.numel():,} of them also decoded")
-    print(f"\n{'weights':<10} {'MiB':>6} {'ppl':>8} {'ppl/bf16':>9} {'top-1 =bf16':>12} {'decode ppl':>11} {'top-1':>7}")
+    print(
+        f"\n{'weights':<10} {'MiB':>6} {'ppl':>8} {'ppl/bf16':>9} {'top-1 =bf16':>12} {'decode ppl':>11} {'top-1':>7}"
+    )
     reference: dict[str, torch.Tensor] = {}
     base_ppl = 0.0
     for name, mode, group in VARIANTS:
