@@ -48,26 +48,11 @@ print(json.dumps({"seconds": seconds, "rss_after_load_gb": after_load, "peak_rss
 
 
 def write_random_checkpoint(directory: Path, preset: str, layers: int | None) -> int:
-    import torch
+    """Random bf16 weights of the preset's shape (see gemma2.bench); returns their bytes."""
+    from gemma2.bench import bench_config
+    from gemma2.bench import write_random_checkpoint as write
 
-    from gemma2 import Gemma2Config, Gemma2ForCausalLM
-    from gemma2.checkpoint import parse_size, write_safetensors
-
-    overrides = {"num_hidden_layers": layers} if layers else {}
-    config = Gemma2Config.from_preset(preset, **overrides).replace(
-        architectures=["Gemma2ForCausalLM"], dtype="bfloat16"
-    )
-    with torch.device("meta"):
-        skeleton = Gemma2ForCausalLM(config)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, meta in skeleton.checkpoint_state_dict().items():
-        std = 0.02 if meta.dim() == 2 else 0.1
-        tensors[name] = (torch.randn(meta.shape, generator=generator, dtype=torch.float32) * std).to(torch.bfloat16)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_safetensors(directory, tensors, parse_size("5GB"))
-    (directory / "config.json").write_text(config.to_json_string())
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return write(directory, bench_config(preset, None, layers))
 
 
 def run_child(program: str, path: Path, dtype: str) -> dict:
