@@ -273,6 +273,12 @@ _WEIGHT_FILE = re.compile(
 )
 
 
+def check_new_output(out: Path, force: bool) -> None:
+    """Refuse to overwrite a file or a non-empty directory unless forced (commands writing --out)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
+
+
 class AtomicDirectory:
     """Write files into a temporary directory beside `target`; swap it in on success only.
 

@@ -212,12 +212,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Load, quantize, and write the model with its tokenizer files to --out."""
     import torch
 
-    from gemma2.checkpoint import AtomicDirectory
+    from gemma2.checkpoint import AtomicDirectory, check_new_output
     from gemma2.heads import Gemma2ForCausalLM
 
     directory = _model_dir(args)
-    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
-        raise Gemma2Error(f"{args.out}: exists and is not empty (use --force to replace it)")
+    check_new_output(Path(args.out), args.force)
     model = Gemma2ForCausalLM.from_pretrained(
         directory, dtype=torch.bfloat16, quantize=args.mode, group_size=args.group_size
     )

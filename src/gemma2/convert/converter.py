@@ -27,6 +27,7 @@ import torch
 from gemma2.checkpoint import (
     AtomicDirectory,
     CheckpointReader,
+    check_new_output,
     parse_size,
     plan_shards,
     resolve_dtype,
@@ -185,8 +186,7 @@ def convert_checkpoint(
     """Convert SOURCE (original PyTorch or Flax/Orbax Gemma 2) into a Hugging Face directory OUT."""
     start = time.perf_counter()
     source_path, out = Path(source), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
+    check_new_output(out, force)
     max_bytes = parse_size(max_shard_size)
     target_dtype = resolve_dtype(dtype)
     detected_format = detect_format(source_path)
