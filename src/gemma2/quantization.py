@@ -109,11 +109,55 @@ def _blockwise_linear(x: torch.Tensor, rows: int, weight_rows: Callable[[int, in
 # Layers
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T (+ bias), q int8 [out, in], scale float32 [out]."""
+class _QuantizedLinear(nn.Module):
+    """What int8 and int4 linear layers share: the bias and the choice of kernel for each call.
+
+    Decode-sized inputs run the native kernel, else PyTorch's packed kernel; anything else (prompts,
+    float32, autograd, non-finite activations) multiplies blocks of weight rows expanded to x's dtype.
+    """
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
+    bias: nn.Parameter | None
+    in_features: int
+    out_features: int
+
+    def _set_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The native kernel's output; None for non-finite x."""
+        raise NotImplementedError
+
+    def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows lo:hi as a [hi - lo, in_features] matrix in dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        if cpu_kernels.applies(x, self.weight_scale):
+            out = self._native(x)
+        elif (
+            x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS
+            and x.device.type == "cpu"
+            and not x.requires_grad
+            and self._torch_kernel_applies(x)
+        ):
+            out = self._torch_kernel(x)
+        if out is None:
+            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = x @ (q * scale)^T (+ bias), q int8 [out, in], scale float32 [out]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device: Any = None) -> None:
         super().__init__()
@@ -126,8 +170,7 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         layer.weight, layer.weight_scale = quantize_int8(linear.weight.detach())
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer._set_bias(linear)
         return layer
 
     def dequantize(self) -> torch.Tensor:
@@ -139,28 +182,23 @@ class Int8Linear(nn.Module):
             return cpu_kernels.dequantize_int8(q, scale)
         return dequantize_int8(q, scale).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight_scale.float()
-        out = None
-        if cpu_kernels.applies(x, scale):
-            out = cpu_kernels.linear_int8(x, self.weight, scale)  # None for non-finite x
-        elif x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS and x.device.type == "cpu" and not x.requires_grad:
-            rows = x.reshape(-1, self.in_features)
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, scale.to(x.dtype))
-            out = out.view(*x.shape[:-1], self.out_features)
-        if out is None:
-            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.linear_int8(x, self.weight, self.weight_scale.float())
+
+    def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
+        return True
+
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.weight_scale.to(x.dtype))
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """y = x @ W^T (+ bias) with W stored as packed nibbles and one float32 scale per group."""
-
-    weight: torch.Tensor
-    weight_scale: torch.Tensor
 
     def __init__(
         self, in_features: int, out_features: int, group_size: int, bias: bool = False, device: Any = None
@@ -177,14 +215,14 @@ class Int4Linear(nn.Module):
             "weight_scale", torch.empty(out_features, in_features // group_size, dtype=torch.float32, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self._torch_packed: torch.Tensor | None = None  # PyTorch's own int4 layout, built on first need
+        # PyTorch's own int4 layout and its scales, built on first need (where the native kernels are unavailable).
+        self._torch_layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         layer = cls(linear.in_features, linear.out_features, group_size, linear.bias is not None, device="meta")
         layer.weight, layer.weight_scale = quantize_int4(linear.weight.detach(), group_size)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer._set_bias(linear)
         return layer
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -196,32 +234,22 @@ class Int4Linear(nn.Module):
             return cpu_kernels.dequantize_int4(packed.contiguous(), scale.contiguous(), self.group_size)
         return dequantize_int4(packed, scale, dtype)
 
-    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        """PyTorch's packed int4 matmul (used where the native kernels are unavailable)."""
-        if self._torch_packed is None:
-            nibbles = unpack_int4(self.weight).to(torch.int32)
-            self._torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
-        scale = self.weight_scale.to(x.dtype).t()
-        scales_and_zeros = torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
-        rows = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self._torch_packed, self.group_size, scales_and_zeros)
-        return out.view(*x.shape[:-1], self.out_features)
+    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.linear_int4(x, self.weight, self.weight_scale.float(), self.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        if cpu_kernels.applies(x, self.weight_scale):
-            out = cpu_kernels.linear_int4(x, self.weight, self.weight_scale.float(), self.group_size)
-        elif (
-            x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS
-            and x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
-            and not x.requires_grad
-            and self.out_features % 16 == 0  # PyTorch's int4 layout packs 16 output rows together
-        ):
-            out = self._torch_kernel(x)
-        if out is None:
-            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
+        # PyTorch's int4 layout packs 16 output rows together, and its kernel takes bf16.
+        return x.dtype == torch.bfloat16 and self.out_features % 16 == 0
+
+    def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if self._torch_layout is None:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 1)
+            scale = self.weight_scale.to(torch.bfloat16).t()
+            self._torch_layout = packed, torch.stack([scale, torch.zeros_like(scale)], dim=-1).contiguous()
+        packed, scales_and_zeros = self._torch_layout
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scales_and_zeros)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
