@@ -55,6 +55,27 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch
     return model
 
 
+def quantizable_model(seed: int = 0, **overrides: Any) -> Any:
+    """A random bf16 Gemma2ForCausalLM whose input sizes are multiples of 128 (int4 groups of 64 and 128)
+    and output sizes of 16 (PyTorch's int4 kernel), except the vocabulary (the int8 LM head)."""
+    from gemma2 import Gemma2ForCausalLM
+
+    sizes: dict[str, Any] = dict(
+        vocab_size=203,  # not a multiple of 8: the LM head has tail rows
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=6,
+    )
+    model = Gemma2ForCausalLM(tiny_config(**{**sizes, **overrides}))
+    randomize_(model, seed=seed, std=0.1)
+    return model.to(torch.bfloat16).eval()
+
+
 def hf_model(config: Gemma2Config, head: str = "causal", seed: int = 0, std: float = 0.3) -> Any:
     """A random transformers model of the given head ("causal", "sequence", "token", "base")."""
     import transformers

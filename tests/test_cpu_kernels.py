@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config
+from conftest import quantizable_model, randomize_
 
 from gemma2 import Gemma2Cache, Gemma2ForCausalLM, cpu_kernels
 from gemma2 import quantization as qz
@@ -320,24 +320,6 @@ def test_linear_without_autograd_runs_natively(native_calls: list[tuple[int, ...
 # A quantized tiny model, with and without native kernels (GEMMA2_NATIVE_KERNELS=0 in a subprocess)
 
 
-def tiny_model(seed: int = 0) -> Gemma2ForCausalLM:
-    """bf16, every size a multiple of 64 (int4 groups) and of 16 (PyTorch's int4 kernel)."""
-    config = tiny_config(
-        vocab_size=211,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=6,
-    )
-    model = Gemma2ForCausalLM(config)
-    randomize_(model, seed=seed, std=0.1)
-    return model.to(torch.bfloat16).eval()
-
-
 @torch.no_grad()
 def decode_logits(model: Gemma2ForCausalLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of ids[:, prompt - 1:], the prompt in one call then one token per call (decode path)."""
@@ -354,7 +336,7 @@ ODD_LAYERS = [(37, 128, 64), (24, 128, 128), (8, 256, 256)]  # (N, K, G): N not 
 
 def model_outputs() -> dict[str, Any]:
     """What the fallback comparison needs; runs in the test process and in the subprocess."""
-    base = tiny_model()
+    base = quantizable_model(vocab_size=211)
     out: dict[str, Any] = {"available": cpu_kernels.available()}
     for mode in ("bf16", "int8", "int4"):
         model = copy.deepcopy(base) if mode == "bf16" else qz.quantize(copy.deepcopy(base), mode, group_size=64)
@@ -476,10 +458,10 @@ def test_a_broken_compiler_warns_and_the_model_still_works(tmp_path: Path) -> No
         import json, sys, torch
         import torch.nn.functional as F
         sys.path.insert(0, ".")
-        from test_cpu_kernels import tiny_model
+        from conftest import quantizable_model
         from gemma2 import cpu_kernels, quantization
         available = cpu_kernels.available()
-        model = tiny_model()
+        model = quantizable_model(vocab_size=211)
         x = torch.randn(1, 128).bfloat16()
         with torch.no_grad():
             exact = torch.equal(model.lm_head(x), F.linear(x, model.lm_head.weight))

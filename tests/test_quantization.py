@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_, tiny_config
+from conftest import quantizable_model, randomize_
 from safetensors.torch import load_file, save_file
 
 from gemma2 import CheckpointError, Gemma2Cache, Gemma2ForCausalLM, InputError, cpu_kernels
@@ -38,24 +38,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def tiny_model(seed: int = 0, **overrides: Any) -> Gemma2ForCausalLM:
-    """A random bf16 Gemma 2 whose input sizes are multiples of 128 (int4 groups of 64 and 128)."""
-    sizes: dict[str, Any] = dict(
-        vocab_size=203,  # not a multiple of 8: the LM head has tail rows
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=6,
-    )
-    model = Gemma2ForCausalLM(tiny_config(**{**sizes, **overrides}))
-    randomize_(model, seed=seed, std=0.1)
-    return model.to(torch.bfloat16).eval()
 
 
 def quantized(model: Gemma2ForCausalLM, mode: str, group_size: int) -> Gemma2ForCausalLM:
@@ -209,7 +191,7 @@ def test_float32_activations_use_the_exact_dequantized_weights() -> None:
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 @pytest.mark.parametrize(("mode", "group_size"), SCHEMES)
 def test_quantize_replaces_every_linear_the_embedding_and_the_head(config: str, mode: str, group_size: int) -> None:
-    original = tiny_model(**CONFIGS[config])
+    original = quantizable_model(**CONFIGS[config])
     model = quantized(original, mode, group_size)
     assert qz.is_quantized(model)
     expected = qz.quantization_config(mode, group_size)
@@ -258,7 +240,7 @@ def assert_as_close_as_bf16(got: torch.Tensor, bf16: torch.Tensor, exact: torch.
 def test_logits_equal_dequantized_reference_math(
     config: str, mode: str, group_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = tiny_model(seed=len(config), **CONFIGS[config])
+    original = quantizable_model(seed=len(config), **CONFIGS[config])
     model = quantized(original, mode, group_size)
     exact = dequantized_reference(original, model, torch.float32)
     bf16 = dequantized_reference(original, model, torch.bfloat16)
@@ -308,7 +290,7 @@ def test_greedy_generation_equals_dequantized_reference(config: str, mode: str, 
     best choices on the same prefix. A random untied head has many near ties (2 to 4 of these 8
     prompts have none); the tied models have none at all.
     """
-    original = tiny_model(seed=len(config), **CONFIGS[config])
+    original = quantizable_model(seed=len(config), **CONFIGS[config])
     model = quantized(original, mode, group_size)
     reference = dequantized_reference(original, model, torch.float32)
     exact = 0
@@ -333,7 +315,7 @@ def test_greedy_generation_equals_dequantized_reference(config: str, mode: str, 
 
 @pytest.mark.parametrize(("config", "mode", "group_size"), [("tied", "int4", 64), ("untied_head", "int8", 128)])
 def test_save_and_load_a_quantized_model(tmp_path: Path, config: str, mode: str, group_size: int) -> None:
-    model = quantized(tiny_model(**CONFIGS[config]), mode, group_size)
+    model = quantized(quantizable_model(**CONFIGS[config]), mode, group_size)
     model.save_pretrained(tmp_path)
 
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -381,7 +363,7 @@ def test_a_dtype_on_load_converts_only_the_floating_point_tensors(quantized_dir:
 
 
 def test_from_pretrained_quantize_equals_quantizing_after_loading(tmp_path: Path) -> None:
-    tiny_model().save_pretrained(tmp_path)
+    quantizable_model().save_pretrained(tmp_path)
     direct = Gemma2ForCausalLM.from_pretrained(tmp_path, quantize="int4", group_size=64)
     after = qz.quantize(Gemma2ForCausalLM.from_pretrained(tmp_path), "int4", 64)
     assert same_state(state(direct), state(after))
@@ -405,7 +387,7 @@ def test_from_pretrained_quantize_equals_quantizing_after_loading(tmp_path: Path
 def test_bad_quantization_requests_change_nothing(
     mode: str, group_size: int, overrides: dict[str, Any], words: list[str]
 ) -> None:
-    model = tiny_model(**overrides)
+    model = quantizable_model(**overrides)
     before = state(model)
     with pytest.raises(InputError) as error:
         qz.quantize(model, mode, group_size)
@@ -417,7 +399,7 @@ def test_bad_quantization_requests_change_nothing(
 
 
 def test_quantizing_twice_is_an_error() -> None:
-    model = qz.quantize(tiny_model(), "int8")
+    model = qz.quantize(quantizable_model(), "int8")
     before = state(model)
     for mode in ("int8", "int4"):
         with pytest.raises(InputError, match="already quantized"):
@@ -428,7 +410,7 @@ def test_quantizing_twice_is_an_error() -> None:
 @pytest.fixture
 def quantized_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "quantized"
-    qz.quantize(tiny_model(), "int4", 64).save_pretrained(directory)
+    qz.quantize(quantizable_model(), "int4", 64).save_pretrained(directory)
     return directory
 
 
