@@ -332,7 +332,7 @@ def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def _replace_layers(model: nn.Module, mode: str, group_size: int, make: str) -> None:
+def _replace_layers(model: Any, mode: str, group_size: int, make: str) -> None:
     """Swap every decoder linear, the embedding and the LM head for quantized layers.
 
     make="quantize" quantizes the existing weights; make="empty" builds meta skeletons to load into.
@@ -366,8 +366,8 @@ def _replace_layers(model: nn.Module, mode: str, group_size: int, make: str) -> 
         backbone.embed_tokens = Int8Embedding.from_embedding(embedding)
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
-        if model.config.tie_word_embeddings:  # type: ignore[union-attr]
-            model.lm_head = backbone.embed_tokens.as_linear()
+        if model.config.tie_word_embeddings:
+            model.tie_weights()  # the head shares the int8 embedding (heads.py)
         elif make == "empty":
             model.lm_head = Int8Linear(head.in_features, head.out_features, head.bias is not None, device="meta")
         else:
