@@ -2,9 +2,10 @@
 
 Every native kernel rounds its result to bf16 once, so each output may differ from the float64
 value by half a bf16 ulp (2^-9 relative, bounded here by 2^-7) plus the error of the way there:
-float32 accumulation for bf16 weights (a tiny multiple of sum_k |x_k * w_k|); for int8 / int4
-weights, activations quantized per row to int16 (at most one step, max_k |x_k| / 32767, per
-element) and exact integer dot products.
+float32 accumulation for bf16 weights (a tiny multiple of sum_k |x_k * w_k|); exact integer dot
+products for quantized weights, against activations quantized per row to int16 for int8 weights
+(at most one step, max_k |x_k| / 32767, per element) and per block of 64 to int8 for int4 weights
+(at most one step, the block's max |x_k| / 127).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, int16_activations: bool = False) -> None:
+def assert_bf16_close(
+    y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, int16_activations: bool = False, int8_blocks: bool = False
+) -> None:
     """y (bf16) against x @ w^T in float64: bf16 rounding of the output plus the way there."""
     assert y.dtype == torch.bfloat16
     x64, w64 = x.double(), w.double()
@@ -65,6 +68,10 @@ def assert_bf16_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, int16_a
     tolerance = 2**-7 * ref.abs() + 2**-16 * (x64.abs() @ w64.abs().T) + 1e-30
     if int16_activations:
         tolerance += x64.abs().amax(dim=1, keepdim=True) / 32767 * w64.abs().sum(dim=1)
+    if int8_blocks:
+        M, K = x64.shape
+        step = x64.abs().view(M, K // 64, 64).amax(dim=-1) / 127  # [M, blocks]
+        tolerance += step @ w64.abs().view(-1, K // 64, 64).sum(dim=-1).T
     excess = ((y.double() - ref).abs() / tolerance).max().item()
     assert excess <= 1, f"error is {excess:.2f} times the bf16 tolerance"
 
@@ -129,7 +136,26 @@ def test_linear_int4_matches_float64(M: int) -> None:
             packed, scale, weight = int4_case(N, K, G, seed=M * N + G)
             y = cpu_kernels.linear_int4(x, packed, scale, G)
             assert y.shape == (M, N)
-            assert_bf16_close(y, x, weight, int16_activations=True)
+            assert_bf16_close(y, x, weight, int8_blocks=True)
+
+
+@native
+def test_linear_int4_handles_zero_tiny_and_subnormal_activation_blocks() -> None:
+    """Each block of 64 activations has its own int8 step: zero blocks, subnormal blocks (whose
+    127 / max overflows float32) and blocks 1e30 times smaller than their neighbours all keep
+    their share of the dot product."""
+    g = generator(7)
+    x = torch.randn(3, 320, generator=g)
+    x[0, :64] = 0
+    x[0, 64:128] *= 1e-39  # subnormal in bf16
+    x[1, 128:192] *= 1e-30
+    x[2] *= 1e-39
+    x = x.bfloat16()
+    packed, scale, weight = int4_case(9, 320, 64, seed=3)
+    y = cpu_kernels.linear_int4(x, packed, scale, 64)
+    assert y is not None
+    assert_bf16_close(y, x, weight, int8_blocks=True)
+    assert (y[2] != 0).all()  # a row of subnormals still gives (tiny) results
 
 
 @native
@@ -401,7 +427,7 @@ def test_fallback_model_matches_native(mode: str, without_native: dict[str, Any]
     assert with_native["available"] is True
     assert torch.equal(without_native[f"{mode}_tokens"], with_native[f"{mode}_tokens"])
     a, b = without_native[f"{mode}_logits"], with_native[f"{mode}_logits"]
-    # Two bf16 computations of the same math (the native int kernels quantize activations to int16,
+    # Two bf16 computations of the same math (the native int kernels quantize activations,
     # PyTorch's round the scales to bf16): measured 0.8 % (max) and 1.1 % (mean) apart for int8
     # and int4, 0.2 % and 0.05 % for bf16.
     assert (a - b).abs().max() <= 0.02 * b.abs().max()

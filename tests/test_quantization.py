@@ -66,6 +66,29 @@ def dequantized_reference(
     return reference
 
 
+def int8_block_activations(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of 64 values rounded to the int8 levels of its own step (max |x| / 127)."""
+    blocks = x.double().unflatten(-1, (-1, 64))
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    levels = torch.where(step > 0, torch.round(blocks / torch.where(step > 0, step, 1)), 0)
+    return (levels * step).flatten(-2).to(x.dtype)
+
+
+def round_int4_layer_inputs_like_the_kernel(reference: Gemma2ForCausalLM, quantized_model: Gemma2ForCausalLM) -> None:
+    """Hooks that round decode-sized inputs of the reference's int4 layers as the native kernel does."""
+    int4_layers = {name for name, module in quantized_model.named_modules() if isinstance(module, Int4Linear)}
+    assert int4_layers
+
+    def round_inputs(module: torch.nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        (x,) = args
+        rows = x.numel() // x.shape[-1]
+        return (int8_block_activations(x),) if rows <= cpu_kernels.MAX_ROWS else (x,)
+
+    for name, module in reference.named_modules():
+        if name in int4_layers:
+            module.register_forward_pre_hook(round_inputs)
+
+
 @torch.no_grad()
 def decode_logits(model: Gemma2ForCausalLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of ids[:, prompt - 1:], the prompt in one call then one token per call."""
@@ -168,7 +191,7 @@ def test_quantized_linear_is_f_linear_with_the_dequantized_weight(
         assert y.shape == (1, rows, N) and y.dtype == torch.bfloat16
         w = dequantized(layer).double()
         ref = x.double() @ w.T + (layer.bias.double() if bias else 0)
-        # Output rounding; bf16-rounded weights (expanded) or int16 activations (kernels); bias in bf16.
+        # Output rounding; bf16-rounded weights (expanded) or quantized activations (kernels); bias in bf16.
         tolerance = 2**-7 * ref.abs() + 2**-8 * (x.double().abs() @ w.abs().T) + (2**-7 if bias else 0)
         assert ((y[0].double() - ref).abs() <= tolerance).all(), layer
 
@@ -264,6 +287,11 @@ def test_logits_equal_dequantized_reference_math(
 
     for name in ("linear_int8", "linear_int4"):
         monkeypatch.setattr(cpu_kernels, name, spy(name))
+    if mode == "int4" and cpu_kernels.available():
+        # The native int4 kernel multiplies activations rounded to int8 per block of 64: so does
+        # the reference math here.
+        for reference in (bf16, exact):
+            round_int4_layer_inputs_like_the_kernel(reference, model)
     runs = [decode_logits(m, ids, prompt=4) for m in (model, bf16, exact, original)]
     assert_as_close_as_bf16(*runs)
     if cpu_kernels.available():

@@ -6,8 +6,9 @@
  * the bandwidth of a plain reduction.
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * w[n, k] and writes bf16 (round to nearest even),
- * like torch.nn.functional.linear in bf16: float32 accumulation for bf16 weights, exact integer
- * accumulation against int16-quantized activations for int8 and int4 weights. Layouts:
+ * like torch.nn.functional.linear in bf16: float32 accumulation for bf16 weights; for quantized
+ * weights, exact integer accumulation against activations quantized per row to int16 (int8
+ * weights) or per block of 64 to int8 (int4 weights, see below). Layouts:
  *   x      bf16 [M, K]
  *   bf16   w bf16 [N, K]
  *   int8   q int8 [N, K], one float32 scale per row: w = q * scale[n]
@@ -57,7 +58,47 @@ INLINE void bf16_block(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
         for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
 }
 
-/* One function per (M, R): the block size must be a literal inside the OpenMP region, which is
+/* One weight row against M activation rows, read front to back with U independent accumulators
+ * per activation row. For one or two activation rows this is faster than bf16_block: each thread
+ * reads one contiguous stream (its share of the rows), which the hardware prefetcher follows at
+ * full bandwidth, while several rows read side by side are several streams and fall short of it. */
+INLINE void bf16_stream(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t N, int64_t K,
+                        const int M, const int U) {
+    __m512 acc[2][4];
+    for (int m = 0; m < M; m++)
+        for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
+    const uint16_t *row = w + n * K;
+    int64_t k = 0;
+    for (; k + 32 * U <= K; k += 32 * U)
+        for (int u = 0; u < U; u++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * u);
+            for (int m = 0; m < M; m++)
+                acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u), wv);
+        }
+    for (; k < K; k += 32) {
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k);
+        for (int m = 0; m < M; m++)
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(x + m * K + k), wv);
+    }
+    for (int m = 0; m < M; m++) {
+        __m512 sum = acc[m][0];
+        for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[m][u]);
+        y[m * N + n] = to_bf16(_mm512_reduce_add_ps(sum));
+    }
+}
+
+#define BF16_STREAM(M, U)                                                                                         \
+    static void bf16_rows_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,            \
+                              int threads) {                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < N; n++) bf16_stream(x, w, y, n, N, K, M, U);                                      \
+    }
+BF16_STREAM(1, 4)
+BF16_STREAM(2, 4)
+
+/* For three or more activation rows the dot products, not the memory, set the pace: bf16_block
+ * reads R weight rows side by side and shares each activation load between them.
+ * One function per (M, R): the block size must be a literal inside the OpenMP region, which is
  * outlined into its own function, so that the accumulators stay in registers. */
 #define BF16_ROWS(M, R)                                                                                           \
     static void bf16_rows_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,            \
@@ -67,8 +108,6 @@ INLINE void bf16_block(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
         for (int64_t n = 0; n < full; n += R) bf16_block(x, w, y, n, N, K, M, R);                                 \
         for (int64_t n = full; n < N; n++) bf16_block(x, w, y, n, N, K, M, 1);                                    \
     }
-BF16_ROWS(1, 8)
-BF16_ROWS(2, 4)
 BF16_ROWS(3, 4)
 BF16_ROWS(4, 4)
 BF16_ROWS(5, 4)
@@ -145,6 +184,46 @@ INLINE void int8_block(const int16_t *x, const float *x_scale, const int8_t *q, 
         for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(total[m][r] * x_scale[m] * scale[n + r]);
 }
 
+/* One int8 weight row against M (one or two) activation rows, front to back: see bf16_stream. */
+INLINE void int8_stream(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale, uint16_t *y,
+                        int64_t n, int64_t N, int64_t K, const int M, const int U) {
+    float total[2] = {0, 0};
+    const int8_t *row = q + n * K;
+    for (int64_t start = 0; start < K; start += FLUSH) {
+        const int64_t stop = start + FLUSH < K ? start + FLUSH : K;
+        __m512i acc[2][4];
+        for (int m = 0; m < M; m++)
+            for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_si512();
+        int64_t k = start;
+        for (; k + 32 * U <= stop; k += 32 * U)
+            for (int u = 0; u < U; u++) {
+                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k + 32 * u)));
+                for (int m = 0; m < M; m++)
+                    acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], _mm512_loadu_si512(x + m * K + k + 32 * u), wv);
+            }
+        for (; k < stop; k += 32) {
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
+            for (int m = 0; m < M; m++)
+                acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(x + m * K + k), wv);
+        }
+        for (int m = 0; m < M; m++) {
+            __m512 sum = _mm512_cvtepi32_ps(acc[m][0]);
+            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(acc[m][u]));
+            total[m] += _mm512_reduce_add_ps(sum);
+        }
+    }
+    for (int m = 0; m < M; m++) y[m * N + n] = to_bf16(total[m] * x_scale[m] * scale[n]);
+}
+
+#define INT8_STREAM(M, U)                                                                                         \
+    static void int8_rows_##M(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale,        \
+                              uint16_t *y, int64_t N, int64_t K, int threads) {                                   \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < N; n++) int8_stream(x, x_scale, q, scale, y, n, N, K, M, U);                      \
+    }
+INT8_STREAM(1, 4)
+INT8_STREAM(2, 2)
+
 #define INT8_ROWS(M, R)                                                                                           \
     static void int8_rows_##M(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale,        \
                               uint16_t *y, int64_t N, int64_t K, int threads) {                                   \
@@ -153,8 +232,6 @@ INLINE void int8_block(const int16_t *x, const float *x_scale, const int8_t *q, 
         for (int64_t n = 0; n < full; n += R) int8_block(x, x_scale, q, scale, y, n, N, K, M, R);                 \
         for (int64_t n = full; n < N; n++) int8_block(x, x_scale, q, scale, y, n, N, K, M, 1);                    \
     }
-INT8_ROWS(1, 8)
-INT8_ROWS(2, 4)
 INT8_ROWS(3, 4)
 INT8_ROWS(4, 4)
 INT8_ROWS(5, 4)
@@ -176,7 +253,19 @@ int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, u
     return non_finite;
 }
 
-/* ---- int4 weights, one scale per group of G weights ----------------------------------------- */
+/* ---- int4 weights, one scale per group of G weights -----------------------------------------
+ *
+ * Unpacking nibbles costs instructions, and on two cores the int16 products of the int8 kernel
+ * would set the pace below the memory's. So the activations are quantized to int8 instead, with
+ * one scale per block of 64 (x = x_q * s, s = max|x_block| / 127, as fine as bf16's mantissa for
+ * the block's largest elements), and multiplied with the unsigned nibbles u = w + 8 by VNNI
+ * `vpdpbusd` (u8 x s8 -> int32, exact); the -8 * sum(x_q) of each block is the accumulator's start.
+ *
+ * 64 packed bytes hold 128 weights: low nibbles are weights 0-31 and 64-95, high nibbles 32-63 and
+ * 96-127. The quantized activations of each 128-weight chunk are stored in that order (64 bytes for
+ * the low nibbles, then 64 for the high), so a chunk is one load of weights and two of activations,
+ * and int32 lanes 0-7 sum weights 0-63 (block 0), lanes 8-15 weights 64-127 (block 1). A K that
+ * ends in half a chunk (64 weights) keeps its natural order and uses 256-bit instructions. */
 
 /* 64 weights (32 bytes) -> two vectors of 32 int16 weights (nibble - 8): k..k+31 and k+32..k+63. */
 INLINE void unpack64(const uint8_t *bytes, __m512i *low, __m512i *high) {
@@ -186,63 +275,139 @@ INLINE void unpack64(const uint8_t *bytes, __m512i *low, __m512i *high) {
     *high = _mm512_sub_epi16(_mm512_srli_epi16(words, 4), eight);
 }
 
-INLINE void int4_block(const int16_t *x, const float *x_scale, const uint8_t *q, const float *scale, uint16_t *y,
-                       int64_t n, int64_t N, int64_t K, int64_t G, const int M, const int R) {
-    __m512 total[MAX_ROWS][4];
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) total[m][r] = _mm512_setzero_ps();
-    const int64_t groups = K / G;
-    for (int64_t g = 0; g < groups; g++) {
-        __m512i acc[MAX_ROWS][4];
-        for (int m = 0; m < M; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_si512();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-            __m512i low[4], high[4];
-            for (int r = 0; r < R; r++) unpack64(q + ((n + r) * K + k) / 2, &low[r], &high[r]);
-            for (int m = 0; m < M; m++) {
-                __m512i x_low = _mm512_loadu_si512(x + m * K + k), x_high = _mm512_loadu_si512(x + m * K + k + 32);
-                for (int r = 0; r < R; r++)
-                    acc[m][r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc[m][r], x_low, low[r]), x_high, high[r]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            __m512 group_scale = _mm512_set1_ps(scale[(n + r) * groups + g]);
-            for (int m = 0; m < M; m++)
-                total[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), group_scale, total[m][r]);
-        }
+typedef struct {
+    int8_t *x;           /* [M, K], chunk order as above */
+    float *scale;        /* [M, chunks, 16]: lanes 0-7 the scale of block 0, lanes 8-15 of block 1 */
+    int32_t *correction; /* [M, chunks, 16]: -8 * sum(x_q) of block 0 in lane 0, of block 1 in lane 8 */
+    int64_t chunks;      /* ceil(K / 128) */
+} Int8Blocks;
+
+/* Quantize 64 activations into x_q; returns their scale. */
+static float quantize_block64(const uint16_t *x, int8_t *low, int8_t *high, int32_t *sum) {
+    __m512 v[4], peak = _mm512_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + 16 * i)));
+        peak = _mm512_max_ps(peak, _mm512_abs_ps(v[i]));
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(total[m][r]) * x_scale[m]);
+    float largest = _mm512_reduce_max_ps(peak), inverse = largest > 0 ? 127.0f / largest : 0.0f;
+    __m512i total = _mm512_setzero_si512();
+    for (int i = 0; i < 4; i++) {
+        __m512i q;
+        if (isinf(inverse)) { /* a block of subnormals: 127 / largest overflows float32 */
+            int32_t values[16];
+            float elements[16];
+            _mm512_storeu_ps(elements, v[i]);
+            for (int j = 0; j < 16; j++) values[j] = (int32_t)lrint((double)elements[j] * 127.0 / largest);
+            q = _mm512_loadu_si512(values);
+        } else {
+            q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inverse))); /* round to nearest even */
+        }
+        total = _mm512_add_epi32(total, q);
+        _mm_storeu_si128((__m128i *)((i < 2 ? low : high) + 16 * (i % 2)), _mm512_cvtsepi32_epi8(q));
+    }
+    *sum = _mm512_reduce_add_epi32(total);
+    return largest > 0 ? largest / 127.0f : 0.0f;
 }
 
-#define INT4_ROWS(M, R)                                                                                           \
-    static void int4_rows_##M(const int16_t *x, const float *x_scale, const uint8_t *q, const float *scale,       \
-                              uint16_t *y, int64_t N, int64_t K, int64_t G, int threads) {                        \
-        int64_t full = N / R * R;                                                                                 \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t n = 0; n < full; n += R) int4_block(x, x_scale, q, scale, y, n, N, K, G, M, R);              \
-        for (int64_t n = full; n < N; n++) int4_block(x, x_scale, q, scale, y, n, N, K, G, M, 1);                 \
+/* Returns 1 without finishing when an activation is NaN or infinite, else 0. */
+static int quantize_int8_blocks(const uint16_t *x, int64_t M, int64_t K, Int8Blocks *out) {
+    const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
+            if (_mm512_fpclass_ps_mask(v, non_finite)) return 1;
+        }
+        for (int64_t b = 0; b < K / 64; b++) {
+            const int64_t chunk = b / 2, half = b % 2, base = m * K + chunk * 128;
+            const int tail = chunk * 128 + 128 > K; /* half a chunk, natural order */
+            int8_t *low = out->x + base + 32 * half, *high = out->x + base + (tail ? 32 : 64) + 32 * half;
+            int32_t sum;
+            float *scale = out->scale + (m * out->chunks + chunk) * 16 + 8 * half;
+            float block_scale = quantize_block64(x + m * K + 64 * b, low, high, &sum);
+            for (int i = 0; i < 8; i++) scale[i] = block_scale;
+            out->correction[(m * out->chunks + chunk) * 16 + 8 * half] = -8 * sum;
+        }
     }
-INT4_ROWS(1, 4)
-INT4_ROWS(2, 4)
-INT4_ROWS(3, 2)
-INT4_ROWS(4, 2)
-INT4_ROWS(5, 1)
-INT4_ROWS(6, 1)
-INT4_ROWS(7, 1)
-INT4_ROWS(8, 1)
+    return 0;
+}
+
+/* One packed int4 weight row against M activation rows, front to back (see bf16_stream). */
+INLINE void int4_stream(const Int8Blocks *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t n,
+                        int64_t N, int64_t K, int64_t G, const int M) {
+    const __m512i nibble = _mm512_set1_epi8(0xF);
+    const int64_t groups = K / G, full = K / 128;
+    const uint8_t *row = q + n * K / 2;
+    const float *row_scale = scale + n * groups;
+    __m512 total[MAX_ROWS][2];
+    for (int m = 0; m < M; m++) total[m][0] = total[m][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c++) {
+        __m512i packed = _mm512_loadu_si512(row + 64 * c);
+        __m512i low = _mm512_and_si512(packed, nibble), high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+        __m512 weight_scale = G == 64 ? _mm512_insertf32x8(_mm512_set1_ps(row_scale[2 * c]),
+                                                           _mm256_set1_ps(row_scale[2 * c + 1]), 1)
+                                      : _mm512_set1_ps(row_scale[c * 128 / G]);
+        for (int m = 0; m < M; m++) {
+            const int8_t *xq = x->x + m * K + 128 * c;
+            const int64_t at = (m * x->chunks + c) * 16;
+            __m512i acc = _mm512_dpbusd_epi32(_mm512_loadu_si512(x->correction + at), low, _mm512_loadu_si512(xq));
+            acc = _mm512_dpbusd_epi32(acc, high, _mm512_loadu_si512(xq + 64));
+            __m512 both = _mm512_mul_ps(weight_scale, _mm512_loadu_ps(x->scale + at));
+            total[m][c & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), both, total[m][c & 1]);
+        }
+    }
+    if (K % 128) { /* the last 64 weights */
+        __m256i packed = _mm256_loadu_si256((const __m256i *)(row + 64 * full));
+        __m256i low = _mm256_and_si256(packed, _mm256_set1_epi8(0xF));
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0xF));
+        __m256 weight_scale = _mm256_set1_ps(row_scale[full * 128 / G]);
+        for (int m = 0; m < M; m++) {
+            const int8_t *xq = x->x + m * K + 128 * full;
+            const int64_t at = (m * x->chunks + full) * 16;
+            __m256i acc = _mm256_loadu_si256((const __m256i *)(x->correction + at));
+            acc = _mm256_dpbusd_epi32(acc, low, _mm256_loadu_si256((const __m256i *)xq));
+            acc = _mm256_dpbusd_epi32(acc, high, _mm256_loadu_si256((const __m256i *)(xq + 32)));
+            __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(weight_scale, _mm256_loadu_ps(x->scale + at)));
+            total[m][0] = _mm512_add_ps(total[m][0], _mm512_zextps256_ps512(part));
+        }
+    }
+    for (int m = 0; m < M; m++) y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(total[m][0], total[m][1])));
+}
+
+#define INT4_ROWS(M)                                                                                              \
+    static void int4_rows_##M(const Int8Blocks *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t N,  \
+                              int64_t K, int64_t G, int threads) {                                                \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < N; n++) int4_stream(x, q, scale, y, n, N, K, G, M);                               \
+    }
+INT4_ROWS(1)
+INT4_ROWS(2)
+INT4_ROWS(3)
+INT4_ROWS(4)
+INT4_ROWS(5)
+INT4_ROWS(6)
+INT4_ROWS(7)
+INT4_ROWS(8)
+
+INLINE void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* Returns 1 (and computes nothing) for non-finite activations, else 0. */
 int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
                        int64_t K, int64_t G, int threads) {
-    static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const uint8_t *, const float *,
-                                            uint16_t *, int64_t, int64_t, int64_t, int) = {
+    static void (*const rows[MAX_ROWS + 1])(const Int8Blocks *, const uint8_t *, const float *, uint16_t *, int64_t,
+                                            int64_t, int64_t, int) = {
         0, int4_rows_1, int4_rows_2, int4_rows_3, int4_rows_4, int4_rows_5, int4_rows_6, int4_rows_7, int4_rows_8};
-    int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
-    float x_scale[MAX_ROWS];
-    int non_finite = quantize_rows(x, x_q, x_scale, M, K);
-    if (!non_finite) rows[M](x_q, x_scale, q, scale, y, N, K, G, threads);
-    free(x_q);
+    Int8Blocks blocks;
+    blocks.chunks = (K + 127) / 128;
+    blocks.x = alloc64((size_t)(M * K));
+    blocks.scale = alloc64(sizeof(float) * (size_t)(M * blocks.chunks * 16));
+    blocks.correction = alloc64(sizeof(int32_t) * (size_t)(M * blocks.chunks * 16));
+    memset(blocks.scale, 0, sizeof(float) * (size_t)(M * blocks.chunks * 16));
+    memset(blocks.correction, 0, sizeof(int32_t) * (size_t)(M * blocks.chunks * 16));
+    int non_finite = quantize_int8_blocks(x, M, K, &blocks);
+    if (!non_finite) rows[M](&blocks, q, scale, y, N, K, G, threads);
+    free(blocks.x);
+    free(blocks.scale);
+    free(blocks.correction);
     return non_finite;
 }
 

@@ -13,9 +13,12 @@ Arithmetic ("dequantized reference math", what the tests compare against):
     int4: w = (q - 8) * scale[n, k // G]         q in [0, 15], scale = max|w[n, group]| / 7
 and y = x @ w^T. Prompts (many rows) expand a block of weight rows at a time to the activation
 dtype and use the bf16 matmul. Decode-sized inputs run in cpu_kernels, which multiplies the integer
-weights with the activations quantized per row to int16 (finer than bf16 for every element within
-1/128 of the row's largest) in exact integer arithmetic and scales in float32; where those kernels
-are unavailable, PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu do it.
+weights with quantized activations in exact integer arithmetic and scales in float32: for int8
+weights the activations are quantized per row to int16 (finer than bf16 for every element within
+1/128 of the row's largest), for int4 weights per block of 64 to int8 (as fine as bf16 for each
+block's largest elements; fewer instructions per weight, which two cores need to keep up with the
+memory). Where those kernels are unavailable, PyTorch's _weight_int8pack_mm /
+_weight_int4pack_mm_for_cpu do it with bf16 activations.
 
 Checkpoint format (safetensors; config.json gets "quantization_config"):
     <linear>.weight         int8 [N, K]        or uint8 [N, K/2] (int4, two weights per byte)
