@@ -502,3 +502,70 @@ def test_a_broken_compiler_warns_and_the_model_still_works(tmp_path: Path) -> No
     assert result["exact"] is True
     assert len(result["tokens"][0]) == 7
     assert not list(cache.rglob("*.so"))  # nothing half-built is left to be loaded later
+
+
+# ------------------------------------------------------------------------------------------------
+# The small per-layer operations of a decode step
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).type_as(x)
+
+
+@native
+@pytest.mark.parametrize("D", [16, 40, 2304, 3584])
+def test_rms_norm_rounds_like_the_reference(D: int) -> None:
+    g = generator(D)
+    weight = torch.randn(D, generator=g).bfloat16()
+    for scale in (1e-4, 1.0, 300.0):
+        # A few large features, as Gemma's hidden states have.
+        x = (torch.randn(5, 1, D, generator=g) * scale * (1 + 20 * (torch.rand(D, generator=g) > 0.98))).bfloat16()
+        with torch.no_grad():
+            assert cpu_kernels.rms_norm_applies(x, weight)
+            got = cpu_kernels.rms_norm(x, weight, 1e-6)
+        want = reference_rms_norm(x, weight, 1e-6)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        # Only the order of the sum of squares differs: at most one bf16 step, and rarely.
+        step = want.float().abs() * 2**-7 + 1e-30
+        assert ((got.float() - want.float()).abs() <= step).all()
+        assert (got == want).float().mean() >= 0.99
+
+
+@native
+def test_rms_norm_only_takes_decode_sized_bf16_inputs_without_autograd() -> None:
+    weight = torch.zeros(64, dtype=torch.bfloat16)
+    x = torch.randn(2, 1, 64).bfloat16()
+    assert cpu_kernels.rms_norm_applies(x, weight)
+    assert not cpu_kernels.rms_norm_applies(x.float(), weight)
+    assert not cpu_kernels.rms_norm_applies(x, weight.float())
+    assert not cpu_kernels.rms_norm_applies(torch.randn(1, cpu_kernels.SMALL_OP_ROWS + 1, 64).bfloat16(), weight)
+    with torch.enable_grad():
+        assert not cpu_kernels.rms_norm_applies(x, weight.clone().requires_grad_())
+
+
+@native
+@pytest.mark.parametrize("B", [1, 3])
+def test_rotary_is_bit_identical_to_the_reference(B: int) -> None:
+    from gemma2.model import rotary_cos_sin
+
+    g = generator(B)
+    for D, theta in ((256, 10000.0), (128, 10000.0), (32, 500.0)):
+        positions = torch.randint(0, 8192, (B, 1), generator=g)
+        for cos, sin in (
+            rotary_cos_sin(positions, D, theta, torch.bfloat16),
+            rotary_cos_sin(positions[:1], D, theta, torch.bfloat16),
+        ):
+            x = torch.randn(B, 1, 6, D, generator=g).bfloat16().transpose(1, 2)  # a projection's layout
+            assert cpu_kernels.rotary_applies(x, cos, sin)
+            got = cpu_kernels.rotary(x, cos, sin)
+            rotated = torch.cat((-x[..., D // 2 :], x[..., : D // 2]), dim=-1)
+            assert torch.equal(got, x * cos[:, None] + rotated * sin[:, None])
+
+
+@native
+def test_rotary_leaves_other_layouts_to_pytorch() -> None:
+    cos = sin = torch.ones(1, 1, 64, dtype=torch.bfloat16)
+    assert not cpu_kernels.rotary_applies(torch.randn(1, 4, 2, 64).bfloat16(), cos, sin)  # two tokens
+    assert not cpu_kernels.rotary_applies(torch.randn(1, 4, 1, 64), cos.float(), sin.float())  # float32
+    assert not cpu_kernels.rotary_applies(torch.randn(1, 64, 1, 4).bfloat16().transpose(1, 3), cos, sin)

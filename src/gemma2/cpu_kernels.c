@@ -36,6 +36,13 @@ INLINE uint16_t to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
+INLINE float from_bf16(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
 /* ---- bf16 weights ------------------------------------------------------------------------ */
 
 /* R weight rows starting at n against all M activation rows. Several rows at once keep several
@@ -517,4 +524,57 @@ void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
         for (int64_t g = 0; g < G; g++)
             for (int64_t d = 0; d < D; d++) out[(b * H + kv * G + g) * D + d] = to_bf16(acc[g * D + d]);
     }
+}
+
+/* ---- the small per-layer operations of a decode step -------------------------------------------
+ *
+ * Each is a handful of PyTorch ops on a few thousand numbers, where dispatching the ops costs more
+ * than the arithmetic; a decode step runs them hundreds of times. They round exactly where the
+ * reference rounds, one thread. */
+
+/* Gemma's RMSNorm of rows x [M, D] (bf16) with weight w [D] (bf16):
+ * bf16(x * (1 / sqrt(mean(x^2) + eps)) * (1 + w)), all in float32 as the reference; only the order
+ * of the sum of squares differs from PyTorch's. */
+void gemma2_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t M, int64_t D, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * D;
+        __m512 squares = _mm512_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) {
+            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(row + d)));
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        float sum = _mm512_reduce_add_ps(squares);
+        for (; d < D; d++) {
+            float v = from_bf16(row[d]);
+            sum += v * v;
+        }
+        const float inverse = 1.0f / sqrtf(sum / (float)D + eps);
+        for (d = 0; d < D; d++) {
+            float normed = from_bf16(row[d]) * inverse;
+            out[m * D + d] = to_bf16(normed * (1.0f + from_bf16(w[d])));
+        }
+    }
+}
+
+/* Rotary embedding of one token's heads: x, out [B, heads, D] (bf16), cos/sin [B, D] (bf16,
+ * row b at b * cos_stride: 0 when all rows share one position).
+ * out = x * cos + rotate_half(x) * sin with each product and the sum rounded to bf16, as the
+ * reference's bf16 ops do; rotate_half(x) = (-x[D/2:], x[:D/2]). */
+void gemma2_rotary(const uint16_t *x, uint16_t *out, const uint16_t *cos, const uint16_t *sin, int64_t B,
+                   int64_t heads, int64_t D, int64_t cos_stride) {
+    const int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *v = x + (b * heads + h) * D;
+            uint16_t *o = out + (b * heads + h) * D;
+            const uint16_t *c = cos + b * cos_stride, *s = sin + b * cos_stride;
+            for (int64_t d = 0; d < half; d++) {
+                float first = from_bf16(v[d]), second = from_bf16(v[d + half]);
+                float a = round_bf16(first * from_bf16(c[d])) + round_bf16(-second * from_bf16(s[d]));
+                float z = round_bf16(second * from_bf16(c[d + half])) + round_bf16(first * from_bf16(s[d + half]));
+                o[d] = to_bf16(a);
+                o[d + half] = to_bf16(z);
+            }
+        }
 }

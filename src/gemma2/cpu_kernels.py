@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in cpu_kernels.c
+SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
 FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
 
@@ -99,6 +100,8 @@ def _library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
+    library.gemma2_rms_norm.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_float]
+    library.gemma2_rotary.argtypes = [*(_c_ptr,) * 4, *(_c_int64,) * 4]
     return library
 
 
@@ -259,6 +262,59 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     library.gemma2_dequantize_int8(
         weight.data_ptr(), scale.data_ptr(), out.data_ptr(), *weight.shape, torch.get_num_threads()
     )
+    return out
+
+
+def _small_op_applies(*tensors: torch.Tensor) -> bool:
+    """Whether tensors are bf16 CPU tensors of a decode step (no autograd) and the library is loaded."""
+    return (
+        all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and _library() is not None
+    )
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether rms_norm can take this call: a few bf16 rows (decode), a contiguous bf16 weight."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 0 < rows <= SMALL_OP_ROWS and weight.is_contiguous() and _small_op_applies(x, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm with the reference's roundings (see cpu_kernels.c); call only where it applies."""
+    library = _library()
+    assert library is not None
+    rows = _rows(x)
+    out = torch.empty_like(rows)
+    library.gemma2_rms_norm(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), *rows.shape, eps)
+    return out.view(x.shape)
+
+
+def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether rotary can take this call: x [B, heads, 1, D] laid out as [B, heads, D], cos/sin [B or 1, 1, D]."""
+    B, heads, T, D = x.shape
+    return (
+        T == 1
+        and x.stride(3) == 1
+        and x.stride(1) == D
+        and x.stride(0) == heads * D
+        and cos.shape == sin.shape
+        and cos.shape[0] in (1, B)
+        and cos.shape[1:] == (1, D)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and _small_op_applies(x, cos, sin)
+    )
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, 1, D] rotated by cos/sin [B or 1, 1, D] with the reference's bf16 roundings."""
+    library = _library()
+    assert library is not None
+    B, heads, _, D = x.shape
+    out = torch.empty(B, heads, 1, D, dtype=x.dtype)
+    cos_stride = D if cos.shape[0] == B and B > 1 else 0
+    library.gemma2_rotary(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, heads, D, cos_stride)
     return out
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from gemma2 import cpu_kernels
 from gemma2.attention import MaskSpec, attention
 from gemma2.cache import Gemma2Cache, LayerCache
 from gemma2.config import Gemma2Config
@@ -37,6 +38,8 @@ class Gemma2RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.rms_norm_applies(x, self.weight):  # a decode step: one native call
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
@@ -55,6 +58,8 @@ def rotary_cos_sin(
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, D] by cos/sin [B, T, D] ("rotate_half" convention)."""
+    if cpu_kernels.rotary_applies(x, cos, sin):  # a decode step: one native call
+        return cpu_kernels.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
