@@ -9,9 +9,11 @@ moved in only when everything has been written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from gemma2 import weight_memory
 from gemma2.errors import CheckpointError
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -109,6 +112,7 @@ class CheckpointReader:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self._files: dict[str, Any] = {}  # shard name -> open safe_open handle or loaded dict
+        self._data_offsets: dict[str, dict[str, int]] = {}  # shard name -> key -> byte offset of its data
         self.key_to_file = self._find_keys()
 
     # -- discovery ---------------------------------------------------------------------------
@@ -204,6 +208,41 @@ class CheckpointReader:
 
     def file_of(self, key: str) -> Path:
         return self.directory / self.key_to_file[key]
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor (converted to dtype) in the process's own memory, not mapped from the file.
+
+        Large tensors land on huge pages (see weight_memory); a safetensors tensor that needs no
+        conversion is read straight from the file into that memory.
+        """
+        stored_dtype, shape = self.dtype(key), self.shape(key)
+        dtype = dtype or stored_dtype
+        nbytes = math.prod(shape) * dtype.itemsize
+        out = weight_memory.empty_bytes(nbytes).view(dtype).view(shape)
+        location = self._byte_range(key)
+        if location is not None and dtype == stored_dtype:
+            weight_memory.read_into(*location, out)
+        else:
+            out.copy_(self.get(key))
+        return out
+
+    def _byte_range(self, key: str) -> tuple[Path, int] | None:
+        """File and byte offset of a safetensors tensor's data (None for .bin checkpoints)."""
+        filename = self.key_to_file[key]
+        if not filename.endswith(".safetensors"):
+            return None
+        if filename not in self._data_offsets:
+            path = self.directory / filename
+            with open(path, "rb") as handle:
+                (header_bytes,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_bytes))
+            # safe_open has already checked the header against the file; this only finds offsets.
+            self._data_offsets[filename] = {
+                name: 8 + header_bytes + entry["data_offsets"][0]
+                for name, entry in header.items()
+                if name != "__metadata__"
+            }
+        return self.directory / filename, self._data_offsets[filename][key]
 
 
 # ------------------------------------------------------------------------------------------------

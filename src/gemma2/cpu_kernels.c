@@ -479,6 +479,36 @@ INLINE float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) {
     return _mm512_reduce_add_ps(acc);
 }
 
+/* bf16(tanh(x)) for every bf16 x, by its bits: the soft-cap's tanh takes bf16 inputs, and a table
+ * is exact and much faster than tanhf per score. Filled once when the library is loaded. */
+static uint16_t tanh_of_bf16[65536];
+
+__attribute__((constructor)) static void fill_tanh_table(void) {
+    for (uint32_t bits = 0; bits < 65536; bits++) tanh_of_bf16[bits] = to_bf16(tanhf(from_bf16((uint16_t)bits)));
+}
+
+/* out[g, d0:d0 + 16 * DN] = sum_s probs[g, s] * value[s, d0:...] for GN query heads at once, the
+ * float32 sums in registers (literal GN and DN keep them there). */
+INLINE void weighted_values(const float *probs, const uint16_t *value, const uint8_t *seen, uint16_t *out,
+                            int64_t S, int64_t D, int64_t d0, const int GN, const int DN) {
+    __m512 acc[4][4];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < DN; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; s++) {
+        if (!seen[s]) continue;
+        __m512 v[4];
+        for (int j = 0; j < DN; j++)
+            v[j] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + s * D + d0 + 16 * j)));
+        for (int g = 0; g < GN; g++) {
+            __m512 p = _mm512_set1_ps(probs[g * S + s]);
+            for (int j = 0; j < DN; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < DN; j++)
+            _mm256_storeu_si256((__m256i *)(out + g * D + d0 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
+}
+
 void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *visible,
                              uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
                              int64_t batch_stride, int64_t head_stride, float scaling, float softcap,
@@ -489,16 +519,15 @@ void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
         const int64_t b = bk / K, kv = bk % K;
         const uint16_t *key = keys + b * batch_stride + kv * head_stride;
         const uint16_t *value = values + b * batch_stride + kv * head_stride;
+        const uint16_t *query = q + (b * H + kv * G) * D; /* the G query heads of this key head */
         const uint8_t *seen = visible + b * S;
-        float *probs = scratch + bk * (G * S + G * D); /* [G, S] */
-        float *acc = probs + G * S;                     /* [G, D] */
+        float *probs = scratch + bk * G * S; /* [G, S] */
         for (int64_t g = 0; g < G; g++) {
-            const uint16_t *query = q + (b * H + kv * G + g) * D;
             float *p = probs + g * S, largest = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
                 if (!seen[s]) continue;
-                float score = round_bf16(round_bf16(dot_bf16(query, key + s * D, D)) * scaling);
-                if (softcap > 0) score = round_bf16(round_bf16(tanhf(round_bf16(score / softcap))) * softcap);
+                float score = round_bf16(round_bf16(dot_bf16(query + g * D, key + s * D, D)) * scaling);
+                if (softcap > 0) score = round_bf16(from_bf16(tanh_of_bf16[to_bf16(score / softcap)]) * softcap);
                 p[s] = score;
                 if (score > largest) largest = score;
             }
@@ -509,20 +538,27 @@ void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
                 total += p[s];
             }
             for (int64_t s = 0; s < S; s++) p[s] = seen[s] ? round_bf16(p[s] / total) : 0.0f;
-            for (int64_t d = 0; d < D; d++) acc[g * D + d] = 0;
         }
-        for (int64_t s = 0; s < S; s++) {
-            if (!seen[s]) continue;
-            for (int64_t d = 0; d < D; d += 16) {
-                __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + s * D + d)));
-                for (int64_t g = 0; g < G; g++) {
-                    __m512 sum = _mm512_loadu_ps(acc + g * D + d);
-                    _mm512_storeu_ps(acc + g * D + d, _mm512_fmadd_ps(_mm512_set1_ps(probs[g * S + s]), v, sum));
+        /* Rows with no visible key: largest stays -inf and every probability 0, so zeros come out. */
+        uint16_t *heads_out = out + (b * H + kv * G) * D;
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            const int64_t gn = G - g0 < 4 ? G - g0 : 4;
+            for (int64_t d0 = 0; d0 < D; d0 += 64) {
+                const float *pg = probs + g0 * S;
+                uint16_t *o = heads_out + g0 * D;
+                const int64_t dn = D - d0 < 64 ? (D - d0) / 16 : 4;
+#define WEIGHTED_VALUES_CASE(GN, DN) \
+    case GN * 8 + DN:                \
+        weighted_values(pg, value, seen, o, S, D, d0, GN, DN); \
+        break;
+                switch (gn * 8 + dn) {
+                    WEIGHTED_VALUES_CASE(1, 2) WEIGHTED_VALUES_CASE(1, 4) WEIGHTED_VALUES_CASE(2, 2)
+                    WEIGHTED_VALUES_CASE(2, 4) WEIGHTED_VALUES_CASE(3, 2) WEIGHTED_VALUES_CASE(3, 4)
+                    WEIGHTED_VALUES_CASE(4, 2) WEIGHTED_VALUES_CASE(4, 4)
                 }
+#undef WEIGHTED_VALUES_CASE
             }
         }
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t d = 0; d < D; d++) out[(b * H + kv * G + g) * D + d] = to_bf16(acc[g * D + d]);
     }
 }
 

@@ -215,10 +215,13 @@ class Gemma2PreTrainedModel(nn.Module):
         device = torch.device(device)
         state: dict[str, torch.Tensor] = {}
         for name, key in plan.sources.items():
-            tensor = reader.get(key)
-            if tensor.is_floating_point() and name not in fixed_dtypes:
-                tensor = tensor.to(target_dtype)
-            state[name] = tensor.to(device)
+            convert = reader.dtype(key).is_floating_point and name not in fixed_dtypes
+            if device.type == "cpu":
+                # Not left memory-mapped: decoding reads weights faster from huge pages (weight_memory).
+                state[name] = reader.read(key, target_dtype if convert else None)
+            else:
+                tensor = reader.get(key)
+                state[name] = (tensor.to(target_dtype) if convert else tensor).to(device)
         model.load_state_dict(state, strict=False, assign=True)
         model._materialize_missing(plan.new, target_dtype, device)
         model.tie_weights()
