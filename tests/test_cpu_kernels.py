@@ -577,30 +577,49 @@ def test_rotary_leaves_other_layouts_to_pytorch() -> None:
 
 @native
 @pytest.mark.parametrize(
-    ("B", "H", "K", "S", "D", "softcap"),
-    [(1, 8, 4, 513, 256, 50.0), (2, 4, 4, 37, 32, 50.0), (3, 6, 2, 100, 96, None), (1, 16, 8, 64, 128, 20.0)],
+    ("B", "H", "K", "S", "D", "softcap", "window"),
+    [
+        (1, 8, 4, 513, 256, 50.0, None),
+        (2, 4, 4, 37, 32, 50.0, 20),
+        (3, 6, 2, 100, 96, None, None),
+        (1, 16, 8, 64, 128, 20.0, 30),
+    ],
 )
-def test_decode_attention_equals_eager_attention(B: int, H: int, K: int, S: int, D: int, softcap: float | None) -> None:
+def test_decode_attention_equals_eager_attention(
+    B: int, H: int, K: int, S: int, D: int, softcap: float | None, window: int | None
+) -> None:
     from gemma2.attention import MaskSpec, eager_attention
 
     g = generator(S + D)
     q = (torch.randn(B, H, 1, D, generator=g) * 3).bfloat16()
     keys = (torch.randn(B, K, S, D, generator=g) * 3).bfloat16()
     values = torch.randn(B, K, S, D, generator=g).bfloat16()
-    visible = torch.rand(B, S, generator=g) > 0.3
-    visible[0, -1] = True
+    # Slots of a ring buffer: positions out of order, a few never written (-1), the query's own last.
+    query_position = S + 40
+    key_positions = torch.randperm(S, generator=g) + 41
+    key_positions[torch.rand(S, generator=g) < 0.1] = -1
+    key_positions[0] = query_position
+    padding = torch.rand(B, S, generator=g) > 0.3
+    padding[:, 0] = True
     if B > 1:
-        visible[1] = False  # a row that sees nothing (padding): zeros, as documented
-    key_positions = torch.arange(S)
-    mask = MaskSpec(query_positions=torch.tensor([S - 1]), key_positions=key_positions, key_padding=visible)
+        padding[1] = False  # a row that sees nothing (all padding): zeros, as documented
+    mask = MaskSpec(torch.tensor([query_position]), key_positions, window=window, key_padding=padding)
     with torch.no_grad():
         assert cpu_kernels.decode_attention_applies(q, keys, values)
-        got = cpu_kernels.decode_attention(q, keys, values, visible, 0.0625, softcap)
+        got = cpu_kernels.decode_attention(
+            q, keys, values, key_positions, query_position, window, padding, 0.0625, softcap
+        )
         want = eager_attention(q, keys, values, mask, 0.0625, softcap)
     assert got.shape == want.shape == (B, 1, H, D)
-    sees = visible.any(dim=1)
+    sees = padding.any(dim=1)
     assert (got[~sees] == 0).all()
     got, want = got[sees].float(), want[sees].float()
     # The same roundings as eager; float32 sums in another order: rarely one bf16 step apart.
     assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
     assert (got == want).float().mean() >= 0.95
+    # A window narrower than the keys changes the result: the kernel applies it.
+    if window is not None:
+        wide = cpu_kernels.decode_attention(
+            q, keys, values, key_positions, query_position, None, padding, 0.0625, softcap
+        )
+        assert not torch.equal(wide[sees].float(), got)

@@ -114,9 +114,11 @@ def attention(
         score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
     B, H, T, _ = query.shape
     if dropout == 0.0 and mask.query_segments is None and cpu_kernels.decode_attention_applies(query, key, value):
-        # One new token: a native kernel reads the cache once (same roundings as below).
-        visible = mask.allowed(0, 1)[:, 0, 0, :]  # [B or 1, S]
-        return cpu_kernels.decode_attention(query, key, value, visible, scaling, softcap)
+        # One new token: a native kernel reads the cache once (same roundings and mask as below).
+        query_position = int(mask.query_positions[0])
+        return cpu_kernels.decode_attention(
+            query, key, value, mask.key_positions, query_position, mask.window, mask.key_padding, scaling, softcap
+        )
     S = key.shape[2]
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.
     row_bytes = B * H * S * 8

@@ -463,7 +463,10 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
  * tanh'd and multiplied back each in bf16; softmax in float32 over the visible keys; probabilities
  * rounded to bf16 before the float32-accumulated weighted sum of values.
  *   q [B, H, D], keys/values [B, K, S, D] with element strides (batch, head) given, slots dense;
- *   visible uint8 [B, S]; out [B, H, D]. Query head h reads key/value head h / (H / K).
+ *   out [B, H, D]. Query head h reads key/value head h / (H / K).
+ * Which keys the query at slot `query` sees, as attention.MaskSpec: slot positions [S] (-1 for an
+ * empty slot) up to `query`, within `window` of it when window > 0, and where padding (uint8
+ * [B or 1, S] at padding_stride per row, or NULL) is nonzero.
  * Rows with no visible key get zeros (the reference's fully masked rows are padding). */
 INLINE float round_bf16(float value) {
     uint32_t bits = (uint32_t)to_bf16(value) << 16;
@@ -509,24 +512,30 @@ INLINE void weighted_values(const float *probs, const uint16_t *value, const uin
             _mm256_storeu_si256((__m256i *)(out + g * D + d0 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
 }
 
-void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *visible,
-                             uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
-                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap,
-                             float *scratch, int threads) {
+void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values,
+                             const int64_t *positions, const uint8_t *padding, int64_t padding_stride, int64_t query,
+                             int64_t window, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
+                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap, float *scratch,
+                             int threads) {
     const int64_t G = H / K;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bk = 0; bk < B * K; bk++) {
         const int64_t b = bk / K, kv = bk % K;
         const uint16_t *key = keys + b * batch_stride + kv * head_stride;
         const uint16_t *value = values + b * batch_stride + kv * head_stride;
-        const uint16_t *query = q + (b * H + kv * G) * D; /* the G query heads of this key head */
-        const uint8_t *seen = visible + b * S;
+        const uint16_t *query_heads = q + (b * H + kv * G) * D; /* the G query heads of this key head */
+        uint8_t *seen = (uint8_t *)(scratch + B * K * G * S) + bk * S;
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t p = positions[s];
+            seen[s] = p >= 0 && p <= query && (window <= 0 || p > query - window) &&
+                      (padding == NULL || padding[b * padding_stride + s]);
+        }
         float *probs = scratch + bk * G * S; /* [G, S] */
         for (int64_t g = 0; g < G; g++) {
             float *p = probs + g * S, largest = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
                 if (!seen[s]) continue;
-                float score = round_bf16(round_bf16(dot_bf16(query + g * D, key + s * D, D)) * scaling);
+                float score = round_bf16(round_bf16(dot_bf16(query_heads + g * D, key + s * D, D)) * scaling);
                 if (softcap > 0) score = round_bf16(from_bf16(tanh_of_bf16[to_bf16(score / softcap)]) * softcap);
                 p[s] = score;
                 if (score > largest) largest = score;

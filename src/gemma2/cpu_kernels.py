@@ -93,6 +93,8 @@ def _library() -> ctypes.CDLL | None:
     library.gemma2_dequantize_int4.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_decode_attention.argtypes = [
         *(_c_ptr,) * 5,
+        *(_c_int64,) * 3,
+        _c_ptr,
         *(_c_int64,) * 7,
         ctypes.c_float,
         ctypes.c_float,
@@ -215,13 +217,17 @@ def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    visible: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_position: int,
+    window: int | None,
+    key_padding: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
     """Eager attention of one query per row (see cpu_kernels.c); [B, H, 1, D] -> [B, 1, H, D].
 
-    visible [B, S] bool says which cache slots each row may attend to.
+    The query at slot query_position sees the keys whose slot (key_positions [S], -1 for an empty
+    one) is at most query_position, within `window` of it, and True in key_padding [B or 1, S].
     """
     library = _library()
     assert library is not None
@@ -229,14 +235,20 @@ def decode_attention(
     K, S = key.shape[1], key.shape[2]
     G = H // K
     query = query.reshape(B, H, D).contiguous()
-    visible = visible.to(torch.uint8).expand(B, S).contiguous()
+    positions = key_positions.to(torch.int64).contiguous()
+    padding = None if key_padding is None else key_padding.to(torch.uint8).contiguous()
+    padding_stride = 0 if padding is None or padding.shape[0] == 1 else S
     out = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
-    scratch = torch.empty(B * K * G * (S + D), dtype=torch.float32)
+    scratch = torch.empty(B * K * G * S + (B * K * S + 3) // 4, dtype=torch.float32)  # probabilities, then seen
     library.gemma2_decode_attention(
         query.data_ptr(),
         key.data_ptr(),
         value.data_ptr(),
-        visible.data_ptr(),
+        positions.data_ptr(),
+        None if padding is None else padding.data_ptr(),
+        padding_stride,
+        query_position,
+        window or 0,
         out.data_ptr(),
         B,
         H,

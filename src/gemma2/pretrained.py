@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,15 +214,21 @@ class Gemma2PreTrainedModel(nn.Module):
             floating = sorted((d for d in stored if d.is_floating_point), key=str)
             target_dtype = floating[0] if len(floating) == 1 else torch.float32
         device = torch.device(device)
+        wanted = {
+            name: target_dtype if reader.dtype(key).is_floating_point and name not in fixed_dtypes else None
+            for name, key in plan.sources.items()
+        }
         state: dict[str, torch.Tensor] = {}
-        for name, key in plan.sources.items():
-            convert = reader.dtype(key).is_floating_point and name not in fixed_dtypes
-            if device.type == "cpu":
-                # Not left memory-mapped: decoding reads weights faster from huge pages (weight_memory).
-                state[name] = reader.read(key, target_dtype if convert else None)
-            else:
+        if device.type == "cpu":
+            # Not left memory-mapped: decoding reads weights faster from huge pages (weight_memory).
+            # Filling fresh pages is most of the work, and it runs in parallel outside the GIL.
+            with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+                tensors = pool.map(lambda name: reader.read(plan.sources[name], wanted[name]), list(wanted))
+                state = dict(zip(wanted, tensors, strict=True))
+        else:
+            for name, key in plan.sources.items():
                 tensor = reader.get(key)
-                state[name] = (tensor.to(target_dtype) if convert else tensor).to(device)
+                state[name] = (tensor if wanted[name] is None else tensor.to(wanted[name])).to(device)
         model.load_state_dict(state, strict=False, assign=True)
         model._materialize_missing(plan.new, target_dtype, device)
         model.tie_weights()
