@@ -12,8 +12,8 @@ figures do not mix, with the page cache warmed by reading the files first:
 - gemma2: `Gemma2ForCausalLM.from_pretrained(dtype=bfloat16)`.
 - transformers: `transformers.Gemma2ForCausalLM.from_pretrained(dtype=bfloat16,
   attn_implementation="eager")` (n/a when transformers is not installed).
-- gemma2 int8 / int4: gemma2 bf16, then `gemma2.quantization.quantize(model, scheme)` (n/a while
-  that module does not exist). Their load time includes quantizing.
+- gemma2 int8 / int4: `gemma2 quantize --mode int8|int4` writes a quantized copy once (its time is
+  the "quantize + save" row), which `from_pretrained` then loads as it is.
 - llama.cpp bf16 / Q8_0 / Q4_0: only when llama-cpp-python and gguf are importable; the same
   weights written as GGUF (see `prepare_llama_cpp`). Prefill and batch-1 decode only.
 
@@ -22,11 +22,12 @@ Measured in each program (every timing is the median of `--repeats` runs; token 
 --prompt, --long-prompt, --context and --batch; --skip takes the keys prefill512, prefill2048,
 decode, batch8, ctx4096, which keep their names in the JSON whatever the lengths):
 
-- load s: `from_pretrained` (plus quantizing); the library is imported before the clock starts.
+- load s: `from_pretrained`; the library is imported before the clock starts.
 - first forward s: one 8-token forward pass right after loading; memory-mapped weights are read
   from the (warm) page cache here, so a lazy load shows up in this row.
 - peak RSS GB: VmHWM from /proc/self/status after that forward pass, which touches every weight
-  (memory-mapped weights count once they are read). "whole run" is VmHWM at the end.
+  (memory-mapped weights count once they are read). "whole run" is VmHWM at the end. The
+  program's read bandwidth is measured before loading, so its test tensor is not counted.
 - prefill N tok/s: N tokens / one forward pass `model(ids, logits_to_keep=1)`, batch 1.
 - decode b1 tok/s: greedy decode of `--decode-tokens` tokens after a 512-token prompt; only the
   decode steps are timed: from the first new token (prefill done) to the last, (n - 1) steps, cut
@@ -39,7 +40,8 @@ decode, batch8, ctx4096, which keep their names in the JSON whatever the lengths
 - decode @4096 ctx tok/s: batch 1 after a 4096-token prompt, min(32, --decode-tokens) new tokens.
   Two untimed short generations (batch 1 and batch 8) come first, so first-call setup is not timed.
 
-The machine: read bandwidth (median of sums over a 1 GiB float32 tensor) and bf16 matmul throughput
+The machine: read bandwidth (median of sums over a 1 GiB float32 tensor on huge pages, the memory
+gemma2 loads weights into: see gemma2.weight_memory) and bf16 matmul throughput
 (2048 x 2048 x 2048 `F.linear`). Decode of one token reads every weight once, so
 `decode_bytes_per_token(model)` / bandwidth bounds batch-1 decode (weights only: the KV cache and
 activations are not counted); the report gives each program's decode as a share of that bound,
@@ -188,10 +190,16 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s of summing a float32 tensor of `gib` GiB (one warm-up, then the median)."""
+    """GB/s of summing a float32 tensor of `gib` GiB (one warm-up, then the median).
+
+    The tensor lives in the kind of memory gemma2 loads weights into (huge pages where the OS
+    offers them, see weight_memory): reads from it are the fastest the weights can be read.
+    """
     import torch
 
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    from gemma2.weight_memory import empty_bytes
+
+    x = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
     x.sum()
     seconds = median_seconds(lambda: x.sum(), repeats)
     return x.nbytes / seconds / 1e9
@@ -464,12 +472,13 @@ def measure_program(spec: dict[str, Any]) -> dict[str, Any]:
     settings = Settings(**{**spec["settings"], "skip": tuple(spec["settings"]["skip"])})
     torch.set_num_threads(settings.threads)
     load = program_loader(spec)
+    # Measured here, next to the decode timings: the machine's bandwidth drifts between programs.
+    # Before loading, so that the test tensor does not add to the peak memory after loading.
+    bandwidth = read_bandwidth_gbs(settings.bandwidth_gib)
     start = time.perf_counter()
     runner = load()
-    result: dict[str, Any] = {"status": "ok", "load_s": time.perf_counter() - start}
+    result: dict[str, Any] = {"status": "ok", "load_s": time.perf_counter() - start, "bandwidth_gbs": bandwidth}
     result["decode_bytes_per_token"] = runner.bytes_per_token
-    # Measured here, next to the decode timings: the machine's bandwidth drifts between programs.
-    result["bandwidth_gbs"] = read_bandwidth_gbs(settings.bandwidth_gib)
     vocab, repeats, n = spec["vocab_size"], settings.repeats, settings.decode_tokens
     with torch.inference_mode():
         start = time.perf_counter()
