@@ -132,18 +132,30 @@ void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
 
 /* ---- quantized weights: integer dot products ------------------------------------------------
  *
- * The activations are quantized per row to int16 (x = x_q * x_scale, x_scale = max|x| / 32767,
- * finer than bf16's 8-bit mantissa for every element within 1/128 of the row's largest) and the
- * dot products with the integer weights run exactly in int32 (AVX-512 VNNI), then are scaled in
- * float32. Converting the weights to float would cost more instructions than the memory allows. */
+ * int8 weights: the activations are quantized per row to int16 (x = x_q * x_scale, x_scale =
+ * max|x| / 32767, finer than bf16's 8-bit mantissa for every element within 1/128 of the row's
+ * largest) and the dot products run exactly in integers, then are scaled once. Each int16 is
+ * split into its low byte (0..255) and high byte (-128..127), so VNNI `vpdpbusd` (u8 x s8 ->
+ * int32) multiplies 64 weights per instruction without widening them:
+ *     sum w * x_q = 256 * sum w * hi + sum w * lo,   sum w * hi = sum (w + 128) * hi - 128 * sum hi
+ * (w + 128 is the weight byte with its top bit flipped, an unsigned byte). That is 3 instructions
+ * per 64 weights, few enough for two cores to keep up with the memory. */
 
 #define INT16_RANGE 32767.0f
-/* int32 lanes take 2 * 32767 * 127 per step at most: flush to float32 every FLUSH weights. */
+/* int32 lanes take 4 * 255 * 128 per instruction at most: flush to int64 every FLUSH weights
+ * (64 instructions per lane, and the 16-lane sum still fits int32). */
 #define FLUSH 4096
 
-/* x bf16 [M, K] -> x_q int16 [M, K] and one scale per row. Returns 0, or 1 without writing when
- * an activation is NaN or infinite (the caller then computes in floating point, which propagates it). */
-static int quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64_t M, int64_t K) {
+typedef struct {
+    uint8_t *low;    /* [M, K] low bytes of x_q */
+    int8_t *high;    /* [M, K] high bytes of x_q */
+    int64_t *high_sum; /* [M] */
+    float *scale;    /* [M] */
+} Int16Rows;
+
+/* x bf16 [M, K] -> Int16Rows. Returns 0, or 1 without finishing when an activation is NaN or
+ * infinite (the caller then computes in floating point, which propagates it). */
+static int quantize_rows(const uint16_t *x, int64_t M, int64_t K, Int16Rows *out) {
     const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
     for (int64_t m = 0; m < M; m++) {
         __m512 peak = _mm512_setzero_ps();
@@ -154,109 +166,107 @@ static int quantize_rows(const uint16_t *x, int16_t *x_q, float *x_scale, int64_
             peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
         }
         if (bad) return 1;
-        float largest = _mm512_reduce_max_ps(peak);
-        x_scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
-        __m512 inverse = _mm512_set1_ps(1.0f / x_scale[m]);
+        const float largest = _mm512_reduce_max_ps(peak), inverse = largest > 0 ? INT16_RANGE / largest : 0.0f;
+        out->scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
+        int64_t high_sum = 0;
         for (int64_t k = 0; k < K; k += 16) {
             __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
-            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)); /* round to nearest even */
-            _mm256_storeu_si256((__m256i *)(x_q + m * K + k), _mm512_cvtsepi32_epi16(rounded));
+            __m512i q;
+            if (isinf(inverse)) { /* a row of subnormals: 32767 / largest overflows float32 */
+                int32_t values[16];
+                float elements[16];
+                _mm512_storeu_ps(elements, v);
+                for (int j = 0; j < 16; j++) values[j] = (int32_t)lrint((double)elements[j] * INT16_RANGE / largest);
+                q = _mm512_loadu_si512(values);
+            } else {
+                q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse))); /* round to nearest even */
+            }
+            __m512i high = _mm512_srai_epi32(q, 8);
+            high_sum += _mm512_reduce_add_epi32(high);
+            _mm_storeu_si128((__m128i *)(out->low + m * K + k), _mm512_cvtepi32_epi8(q)); /* truncates: low byte */
+            _mm_storeu_si128((__m128i *)(out->high + m * K + k), _mm512_cvtepi32_epi8(high));
         }
+        out->high_sum[m] = high_sum;
     }
     return 0;
 }
 
-INLINE void int8_block(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale, uint16_t *y,
-                       int64_t n, int64_t N, int64_t K, const int M, const int R) {
-    float total[MAX_ROWS][8] = {{0}};
-    const int8_t *rows = q + n * K;
-    for (int64_t start = 0; start < K; start += FLUSH) {
-        const int64_t stop = start + FLUSH < K ? start + FLUSH : K;
-        __m512i acc[MAX_ROWS][8];
-        for (int m = 0; m < M; m++)
-            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_si512();
-        for (int64_t k = start; k < stop; k += 32) {
-            __m512i wv[8];
-            for (int r = 0; r < R; r++)
-                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(rows + r * K + k)));
-            for (int m = 0; m < M; m++) {
-                __m512i xv = _mm512_loadu_si512(x + m * K + k);
-                for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);
-            }
-        }
-        for (int m = 0; m < M; m++)
-            for (int r = 0; r < R; r++) total[m][r] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[m][r]));
-    }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(total[m][r] * x_scale[m] * scale[n + r]);
-}
-
-/* One int8 weight row against M (one or two) activation rows, front to back: see bf16_stream. */
-INLINE void int8_stream(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale, uint16_t *y,
-                        int64_t n, int64_t N, int64_t K, const int M, const int U) {
-    float total[2] = {0, 0};
+/* One int8 weight row against M activation rows, front to back (see bf16_stream), U steps of 64
+ * weights in flight per activation row. */
+INLINE void int8_stream(const Int16Rows *x, const int8_t *q, const float *scale, uint16_t *y, int64_t n, int64_t N,
+                        int64_t K, const int M, const int U) {
+    const __m512i top_bit = _mm512_set1_epi8((char)0x80);
+    int64_t low_total[MAX_ROWS] = {0}, high_total[MAX_ROWS] = {0};
     const int8_t *row = q + n * K;
     for (int64_t start = 0; start < K; start += FLUSH) {
         const int64_t stop = start + FLUSH < K ? start + FLUSH : K;
-        __m512i acc[2][4];
+        __m512i low[MAX_ROWS][4], high[MAX_ROWS][4];
         for (int m = 0; m < M; m++)
-            for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_si512();
+            for (int u = 0; u < U; u++) low[m][u] = high[m][u] = _mm512_setzero_si512();
         int64_t k = start;
-        for (; k + 32 * U <= stop; k += 32 * U)
+        for (; k + 64 * U <= stop; k += 64 * U)
             for (int u = 0; u < U; u++) {
-                __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k + 32 * u)));
-                for (int m = 0; m < M; m++)
-                    acc[m][u] = _mm512_dpwssd_epi32(acc[m][u], _mm512_loadu_si512(x + m * K + k + 32 * u), wv);
+                __m512i w = _mm512_loadu_si512(row + k + 64 * u), w_unsigned = _mm512_xor_si512(w, top_bit);
+                for (int m = 0; m < M; m++) {
+                    low[m][u] = _mm512_dpbusd_epi32(low[m][u], _mm512_loadu_si512(x->low + m * K + k + 64 * u), w);
+                    high[m][u] =
+                        _mm512_dpbusd_epi32(high[m][u], w_unsigned, _mm512_loadu_si512(x->high + m * K + k + 64 * u));
+                }
             }
-        for (; k < stop; k += 32) {
-            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
-            for (int m = 0; m < M; m++)
-                acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_loadu_si512(x + m * K + k), wv);
+        for (; k < stop; k += 32) { /* K is a multiple of 32 */
+            __m256i w = _mm256_loadu_si256((const __m256i *)(row + k));
+            __m256i w_unsigned = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+            for (int m = 0; m < M; m++) {
+                __m256i lo = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                                 _mm256_loadu_si256((const __m256i *)(x->low + m * K + k)), w);
+                __m256i hi = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_unsigned,
+                                                 _mm256_loadu_si256((const __m256i *)(x->high + m * K + k)));
+                low[m][0] = _mm512_add_epi32(low[m][0], _mm512_zextsi256_si512(lo));
+                high[m][0] = _mm512_add_epi32(high[m][0], _mm512_zextsi256_si512(hi));
+            }
         }
-        for (int m = 0; m < M; m++) {
-            __m512 sum = _mm512_cvtepi32_ps(acc[m][0]);
-            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, _mm512_cvtepi32_ps(acc[m][u]));
-            total[m] += _mm512_reduce_add_ps(sum);
-        }
+        for (int m = 0; m < M; m++)
+            for (int u = 0; u < U; u++) {
+                low_total[m] += _mm512_reduce_add_epi32(low[m][u]);
+                high_total[m] += _mm512_reduce_add_epi32(high[m][u]);
+            }
     }
-    for (int m = 0; m < M; m++) y[m * N + n] = to_bf16(total[m] * x_scale[m] * scale[n]);
+    for (int m = 0; m < M; m++) {
+        const int64_t dot = 256 * (high_total[m] - 128 * x->high_sum[m]) + low_total[m];
+        y[m * N + n] = to_bf16((float)((double)dot * x->scale[m] * scale[n]));
+    }
 }
 
-#define INT8_STREAM(M, U)                                                                                         \
-    static void int8_rows_##M(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale,        \
-                              uint16_t *y, int64_t N, int64_t K, int threads) {                                   \
+#define INT8_ROWS(M, U)                                                                                           \
+    static void int8_rows_##M(const Int16Rows *x, const int8_t *q, const float *scale, uint16_t *y, int64_t N,    \
+                              int64_t K, int threads) {                                                           \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t n = 0; n < N; n++) int8_stream(x, x_scale, q, scale, y, n, N, K, M, U);                      \
+        for (int64_t n = 0; n < N; n++) int8_stream(x, q, scale, y, n, N, K, M, U);                               \
     }
-INT8_STREAM(1, 4)
-INT8_STREAM(2, 2)
+INT8_ROWS(1, 4)
+INT8_ROWS(2, 2)
+INT8_ROWS(3, 1)
+INT8_ROWS(4, 1)
+INT8_ROWS(5, 1)
+INT8_ROWS(6, 1)
+INT8_ROWS(7, 1)
+INT8_ROWS(8, 1)
 
-#define INT8_ROWS(M, R)                                                                                           \
-    static void int8_rows_##M(const int16_t *x, const float *x_scale, const int8_t *q, const float *scale,        \
-                              uint16_t *y, int64_t N, int64_t K, int threads) {                                   \
-        int64_t full = N / R * R;                                                                                 \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t n = 0; n < full; n += R) int8_block(x, x_scale, q, scale, y, n, N, K, M, R);                 \
-        for (int64_t n = full; n < N; n++) int8_block(x, x_scale, q, scale, y, n, N, K, M, 1);                    \
-    }
-INT8_ROWS(3, 4)
-INT8_ROWS(4, 4)
-INT8_ROWS(5, 4)
-INT8_ROWS(6, 3)
-INT8_ROWS(7, 3)
-INT8_ROWS(8, 3)
+INLINE void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* Returns 1 (and computes nothing) for non-finite activations, else 0. */
 int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
                        int64_t K, int threads) {
-    static void (*const rows[MAX_ROWS + 1])(const int16_t *, const float *, const int8_t *, const float *,
-                                            uint16_t *, int64_t, int64_t, int) = {
+    static void (*const rows[MAX_ROWS + 1])(const Int16Rows *, const int8_t *, const float *, uint16_t *, int64_t,
+                                            int64_t, int) = {
         0, int8_rows_1, int8_rows_2, int8_rows_3, int8_rows_4, int8_rows_5, int8_rows_6, int8_rows_7, int8_rows_8};
-    int16_t *x_q = aligned_alloc(64, (size_t)(M * K * 2 + 63) / 64 * 64);
+    int64_t high_sum[MAX_ROWS];
     float x_scale[MAX_ROWS];
-    int non_finite = quantize_rows(x, x_q, x_scale, M, K);
-    if (!non_finite) rows[M](x_q, x_scale, q, scale, y, N, K, threads);
-    free(x_q);
+    Int16Rows rows_q = {alloc64((size_t)(M * K)), alloc64((size_t)(M * K)), high_sum, x_scale};
+    int non_finite = quantize_rows(x, M, K, &rows_q);
+    if (!non_finite) rows[M](&rows_q, q, scale, y, N, K, threads);
+    free(rows_q.low);
+    free(rows_q.high);
     return non_finite;
 }
 
@@ -394,8 +404,6 @@ INT4_ROWS(5)
 INT4_ROWS(6)
 INT4_ROWS(7)
 INT4_ROWS(8)
-
-INLINE void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 /* Returns 1 (and computes nothing) for non-finite activations, else 0. */
 int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
