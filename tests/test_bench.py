@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -67,9 +68,46 @@ def test_bench_end_to_end_on_a_tiny_shape(tmp_path: Path, capsys) -> None:
         assert result["status"] == "ok"
         for key in rows:
             assert result[key] > 0, (program, key)
+        # --repeats 1: one decode run, with the bandwidth probed right before it.
+        [run] = result["decode_runs"]
+        assert run["tok_s"] > 0 and run["bandwidth_gbs"] > 0
     weights = 2 * (TINY["vocab_size"] * TINY["hidden_size"] + tiny_linear_and_norm_params(TINY))
     assert report["shape"]["weight_bytes"] == weights
     assert report["programs"]["gemma2"]["decode_bytes_per_token"] == weights
     assert report["machine"]["bandwidth_gbs"] > 0 and report["machine"]["matmul_bf16_gflops"] > 0
     assert {t["name"] for t in report["targets"]} >= {"bf16 decode / transformers", "load + first forward (bf16)"}
     assert (tmp_path / "checkpoint" / "config.json").exists()  # --dir keeps the checkpoint
+
+
+class SleepingRunner(bench.Runner):
+    """Stamps one token every 10 ms of real time, calling after_token like the real runners."""
+
+    def generation_stamps(self, ids, new_tokens, after_token=lambda i: None):  # type: ignore[no-untyped-def]
+        stamps = []
+        for i in range(new_tokens):
+            time.sleep(0.01)
+            stamps.append(time.perf_counter())
+            after_token(i)
+        return stamps
+
+
+class SlowProbe:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def measure(self) -> float:
+        self.calls += 1
+        time.sleep(0.05)
+        return 40.0 + self.calls
+
+
+def test_decode_runs_pair_each_run_with_a_bandwidth_probe_and_leave_its_time_out() -> None:
+    probe = SlowProbe()
+    runs = bench.decode_runs(SleepingRunner(), torch.zeros(2, 3, dtype=torch.long), 13, 3, probe)  # type: ignore[arg-type]
+    assert probe.calls == 3
+    assert [bandwidth for _, bandwidth in runs] == [41.0, 42.0, 43.0]
+    for rate, _ in runs:
+        # 2 rows, one step per 10 ms: 200 tokens/s; counting the 50 ms probe in 4 steps would give 89.
+        assert 120 < rate <= 200, rate
+    without = bench.decode_runs(SleepingRunner(), torch.zeros(1, 3, dtype=torch.long), 5, 2)
+    assert [bandwidth for _, bandwidth in without] == [None, None]

@@ -159,6 +159,23 @@ def test_linear_int4_handles_zero_tiny_and_subnormal_activation_blocks() -> None
 
 
 @native
+def test_linear_int8_handles_zero_and_subnormal_activation_rows() -> None:
+    """One int16 step per row: a zero row and a row of subnormals (whose 32767 / max overflows
+    float32) still quantize to the right integers."""
+    g = generator(11)
+    x = torch.randn(3, 96, generator=g)
+    x[0] = 0
+    x[1] *= 1e-39  # subnormal in bf16
+    x = x.bfloat16()
+    q = torch.randint(-127, 128, (5, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(5, generator=g) + 0.5
+    y = cpu_kernels.linear_int8(x, q, scale)
+    assert y is not None
+    assert_bf16_close(y, x, q.double() * scale.double()[:, None], int16_activations=True)
+    assert (y[0] == 0).all() and (y[1] != 0).any()
+
+
+@native
 @pytest.mark.parametrize("M", [1, 8])
 def test_integer_kernels_do_not_overflow_at_the_largest_values(M: int) -> None:
     """Every product at its largest and of one sign, over a K long enough to need several flushes."""

@@ -44,7 +44,9 @@ The machine: read bandwidth (median of sums over a 1 GiB float32 tensor on huge 
 gemma2 loads weights into: see gemma2.weight_memory) and bf16 matmul throughput
 (2048 x 2048 x 2048 `F.linear`). Decode of one token reads every weight once, so
 `decode_bytes_per_token(model)` / bandwidth bounds batch-1 decode (weights only: the KV cache and
-activations are not counted); the report gives each program's decode as a share of that bound,
+activations are not counted). The bandwidth of a shared machine drifts within seconds, so each
+batch-1 decode run is set against a bandwidth probe (0.25 GiB, median of 3 sums) taken between two
+tokens right before it, its time left out of the run; the report gives the median of those shares,
 batch-8 / batch-1, the slowdown at 4096 tokens of context, and the targets of the speed issue
 (met / NOT met).
 """
@@ -52,6 +54,7 @@ batch-8 / batch-1, the slowdown at 4096 tokens of context, and the targets of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -60,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -310,8 +313,11 @@ class Runner:
     def prefill(self, ids: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def generation_stamps(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
-        """perf_counter() at each new token, exactly new_tokens of them."""
+    def generation_stamps(
+        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
+    ) -> list[float]:
+        """perf_counter() at each new token, exactly new_tokens of them; after_token(i) runs right
+        after stamp i is taken (the bench's bandwidth probes; their time is subtracted)."""
         raise NotImplementedError
 
     def touch(self) -> None:
@@ -328,12 +334,17 @@ class Gemma2Runner(Runner):
     def prefill(self, ids: torch.Tensor) -> None:
         self.model(ids, logits_to_keep=1)
 
-    def generation_stamps(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    def generation_stamps(
+        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
+    ) -> list[float]:
         from gemma2.generation import generate_steps
 
         # eos_token_id=[]: no stop tokens, so exactly new_tokens steps.
-        steps = generate_steps(self.model, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-        return [time.perf_counter() for _ in steps]
+        stamps: list[float] = []
+        for _ in generate_steps(self.model, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[]):
+            stamps.append(time.perf_counter())
+            after_token(len(stamps) - 1)
+        return stamps
 
 
 class TransformersRunner(Runner):
@@ -343,7 +354,9 @@ class TransformersRunner(Runner):
     def prefill(self, ids: torch.Tensor) -> None:
         self.model(ids, logits_to_keep=1)
 
-    def generation_stamps(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    def generation_stamps(
+        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
+    ) -> list[float]:
         import torch
 
         stamps: list[float] = []
@@ -351,6 +364,8 @@ class TransformersRunner(Runner):
         class Stamps:  # the streamer protocol: put() gets the prompt, then each new token
             def put(self, value: Any) -> None:
                 stamps.append(time.perf_counter())
+                if len(stamps) > 1:
+                    after_token(len(stamps) - 2)
 
             def end(self) -> None:
                 pass
@@ -376,13 +391,16 @@ class LlamaCppRunner(Runner):
         self.llm.reset()
         self.llm.eval(ids[0].tolist())
 
-    def generation_stamps(self, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    def generation_stamps(
+        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
+    ) -> list[float]:
         self.llm.reset()
-        stamps = []
+        stamps: list[float] = []
         for _ in self.llm.generate(ids[0].tolist(), temp=0.0, reset=True):
             stamps.append(time.perf_counter())
             if len(stamps) == new_tokens:
                 break
+            after_token(len(stamps) - 1)
         return stamps
 
 
@@ -442,14 +460,60 @@ def decode_rate(runner: Runner, ids: torch.Tensor, new_tokens: int, repeats: int
     One generation (a prompt is not prefilled again for each repeat); its decode steps are cut into
     `repeats` consecutive runs of equal length, and the median run's rate is reported.
     """
-    stamps = runner.generation_stamps(ids, new_tokens)
-    if len(stamps) != new_tokens:
-        raise RuntimeError(f"asked for {new_tokens} new tokens, got {len(stamps)}")
+    return statistics.median(rate for rate, _ in decode_runs(runner, ids, new_tokens, repeats))
+
+
+def decode_runs(
+    runner: Runner, ids: torch.Tensor, new_tokens: int, repeats: int, probe: BandwidthProbe | None = None
+) -> list[tuple[float, float | None]]:
+    """(tokens/s, read bandwidth GB/s right before it) of each run of decode_rate.
+
+    With a probe, the bandwidth is measured at the start of each run, between two tokens, and the
+    time it takes is left out of the run: the machine's bandwidth drifts within seconds, so each
+    run is set against its own.
+    """
     steps = new_tokens - 1
     runs = max(1, min(repeats, steps))
     bounds = [round(i * steps / runs) for i in range(runs + 1)]
-    rates = [(hi - lo) / (stamps[hi] - stamps[lo]) for lo, hi in itertools.pairwise(bounds)]
-    return ids.shape[0] * statistics.median(rates)
+    probed: dict[int, tuple[float, float]] = {}  # token index -> (GB/s, seconds the probe took)
+
+    def measure(index: int) -> None:
+        if probe is not None and index in bounds[:-1] and index not in probed:
+            start = time.perf_counter()
+            bandwidth = probe.measure()
+            probed[index] = (bandwidth, time.perf_counter() - start)
+
+    stamps = runner.generation_stamps(ids, new_tokens, measure)
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"asked for {new_tokens} new tokens, got {len(stamps)}")
+    results = []
+    for lo, hi in itertools.pairwise(bounds):
+        bandwidth, spent = probed.get(lo, (None, 0.0))
+        results.append((ids.shape[0] * (hi - lo) / (stamps[hi] - stamps[lo] - spent), bandwidth))
+    return results
+
+
+class BandwidthProbe:
+    """read_bandwidth_gbs on a tensor allocated once (a probe between tokens must be quick)."""
+
+    def __init__(self, gib: float = 0.25, repeats: int = 3) -> None:
+        import torch
+
+        from gemma2.weight_memory import empty_bytes
+
+        self.tensor = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
+        self.repeats = repeats
+
+    def measure(self) -> float:
+        self.tensor.sum()
+        return self.tensor.nbytes / median_seconds(self.tensor.sum, self.repeats) / 1e9
+
+
+def paired_decode(runner: Runner, ids: torch.Tensor, new_tokens: int, repeats: int, result: dict[str, Any]) -> float:
+    """Batch-1 decode rate (as decode_rate); also stores each run's rate and bandwidth in result."""
+    runs = decode_runs(runner, ids, new_tokens, repeats, BandwidthProbe())
+    result["decode_runs"] = [{"tok_s": rate, "bandwidth_gbs": bandwidth} for rate, bandwidth in runs]
+    return statistics.median(rate for rate, _ in runs)
 
 
 def vm_hwm_gb() -> float:
@@ -489,7 +553,7 @@ def measure_program(spec: dict[str, Any]) -> dict[str, Any]:
         plan: dict[str, Callable[[], float]] = {
             "prefill512": lambda: prefill_rate(runner, random_ids(1, settings.prompt, vocab), repeats),
             "prefill2048": lambda: prefill_rate(runner, random_ids(1, settings.long_prompt, vocab), repeats),
-            "decode": lambda: decode_rate(runner, random_ids(1, settings.prompt, vocab), n, repeats),
+            "decode": lambda: paired_decode(runner, random_ids(1, settings.prompt, vocab), n, repeats, result),
             "batch8": lambda: decode_rate(
                 runner, random_ids(settings.batch, settings.prompt, vocab), settings.short_decode, repeats
             ),
@@ -678,8 +742,28 @@ def llama_cpp_quantize(source: Path, out: Path, kind: str, threads: int) -> None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+    with native_output_silenced():
+        done = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if done != 0:
         raise RuntimeError(f"llama_model_quantize to {kind} failed")
+
+
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Send what C code prints (llama.cpp logs every tensor it quantizes) to /dev/null meanwhile."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def prepare_llama_cpp(checkpoint: Path, work: Path, threads: int) -> dict[str, Path]:
@@ -762,10 +846,16 @@ def bound_rows(results: dict[str, dict[str, Any]], bandwidth_gbs: float) -> list
         per_token = value(results, program, "decode_bytes_per_token")
         if per_token is None:
             continue
-        # The bandwidth measured in the program's own process, right before its timings.
-        bandwidth = value(results, program, "bandwidth_gbs") or bandwidth_gbs
-        bound = bandwidth * 1e9 / per_token
         decode = value(results, program, "decode")
+        runs = [r for r in results[program].get("decode_runs", []) if r["bandwidth_gbs"]]
+        if runs:
+            # Each decode run against the bandwidth measured right before it (the median of both).
+            bandwidth = statistics.median(r["bandwidth_gbs"] for r in runs)
+            share = statistics.median(r["tok_s"] * per_token / (r["bandwidth_gbs"] * 1e9) for r in runs)
+        else:
+            bandwidth = value(results, program, "bandwidth_gbs") or bandwidth_gbs
+            share = ratio(decode, bandwidth * 1e9 / per_token)
+        bound = bandwidth * 1e9 / per_token
         long_context = value(results, program, "ctx4096")
         rows.append(
             {
@@ -774,7 +864,7 @@ def bound_rows(results: dict[str, dict[str, Any]], bandwidth_gbs: float) -> list
                 "bytes_per_token": int(per_token),
                 "bound_tok_s": bound,
                 "decode_tok_s": decode,
-                "share_of_bound": ratio(decode, bound),
+                "share_of_bound": share,
                 "batch_over_single": ratio(value(results, program, "batch8"), decode),
                 "long_context_slowdown": 1 - long_context / decode if long_context and decode else None,
             }
@@ -784,8 +874,9 @@ def bound_rows(results: dict[str, dict[str, Any]], bandwidth_gbs: float) -> list
 
 def bound_table(rows: list[dict[str, Any]], bandwidth_gbs: float, settings: Settings) -> str:
     lines = [
-        "decode against the bandwidth bound (read bandwidth measured in each program's process before its timings"
-        f" / bytes read per token, weights only; {bandwidth_gbs:.1f} GB/s at the start)",
+        "decode against the bandwidth bound (bytes read per token, weights only, / read bandwidth measured right"
+        " before each decode run, between two tokens; GB/s and share are the medians over the runs;"
+        f" {bandwidth_gbs:.1f} GB/s at the start)",
         f"{'program':<16}{'GB/s':>6}{'MB/token':>10}{'bound tok/s':>13}{'decode b1':>11}{'share':>8}"
         f"{f'b{settings.batch} / b1':>9}{f'@{settings.context} slowdown':>17}",
     ]
