@@ -146,6 +146,30 @@ void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
  * (64 instructions per lane, and the 16-lane sum still fits int32). */
 #define FLUSH 4096
 
+INLINE __m512 load_bf16x16(const uint16_t *x) {
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)x));
+}
+
+/* Whether any of the n (a multiple of 16) activations is NaN or infinite. */
+static int any_non_finite(const uint16_t *x, int64_t n) {
+    const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
+    for (int64_t k = 0; k < n; k += 16)
+        if (_mm512_fpclass_ps_mask(load_bf16x16(x + k), non_finite)) return 1;
+    return 0;
+}
+
+/* round(v * levels / largest) to nearest even, for largest > 0 (0 otherwise). Where levels /
+ * largest overflows float32 (subnormal activations) it is done in float64. */
+INLINE __m512i to_levels(__m512 v, float levels, float largest) {
+    const float inverse = largest > 0 ? levels / largest : 0.0f;
+    if (!isinf(inverse)) return _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse)));
+    float elements[16];
+    int32_t values[16];
+    _mm512_storeu_ps(elements, v);
+    for (int j = 0; j < 16; j++) values[j] = (int32_t)lrint((double)elements[j] * levels / largest);
+    return _mm512_loadu_si512(values);
+}
+
 typedef struct {
     uint8_t *low;    /* [M, K] low bytes of x_q */
     int8_t *high;    /* [M, K] high bytes of x_q */
@@ -156,31 +180,15 @@ typedef struct {
 /* x bf16 [M, K] -> Int16Rows. Returns 0, or 1 without finishing when an activation is NaN or
  * infinite (the caller then computes in floating point, which propagates it). */
 static int quantize_rows(const uint16_t *x, int64_t M, int64_t K, Int16Rows *out) {
-    const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
+    if (any_non_finite(x, M * K)) return 1;
     for (int64_t m = 0; m < M; m++) {
         __m512 peak = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
-            bad |= _mm512_fpclass_ps_mask(v, non_finite);
-            peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
-        }
-        if (bad) return 1;
-        const float largest = _mm512_reduce_max_ps(peak), inverse = largest > 0 ? INT16_RANGE / largest : 0.0f;
+        for (int64_t k = 0; k < K; k += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(load_bf16x16(x + m * K + k)));
+        const float largest = _mm512_reduce_max_ps(peak);
         out->scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
         int64_t high_sum = 0;
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
-            __m512i q;
-            if (isinf(inverse)) { /* a row of subnormals: 32767 / largest overflows float32 */
-                int32_t values[16];
-                float elements[16];
-                _mm512_storeu_ps(elements, v);
-                for (int j = 0; j < 16; j++) values[j] = (int32_t)lrint((double)elements[j] * INT16_RANGE / largest);
-                q = _mm512_loadu_si512(values);
-            } else {
-                q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse))); /* round to nearest even */
-            }
+            __m512i q = to_levels(load_bf16x16(x + m * K + k), INT16_RANGE, largest);
             __m512i high = _mm512_srai_epi32(q, 8);
             high_sum += _mm512_reduce_add_epi32(high);
             _mm_storeu_si128((__m128i *)(out->low + m * K + k), _mm512_cvtepi32_epi8(q)); /* truncates: low byte */
@@ -303,22 +311,13 @@ typedef struct {
 static float quantize_block64(const uint16_t *x, int8_t *low, int8_t *high, int32_t *sum) {
     __m512 v[4], peak = _mm512_setzero_ps();
     for (int i = 0; i < 4; i++) {
-        v[i] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + 16 * i)));
+        v[i] = load_bf16x16(x + 16 * i);
         peak = _mm512_max_ps(peak, _mm512_abs_ps(v[i]));
     }
-    float largest = _mm512_reduce_max_ps(peak), inverse = largest > 0 ? 127.0f / largest : 0.0f;
+    const float largest = _mm512_reduce_max_ps(peak);
     __m512i total = _mm512_setzero_si512();
     for (int i = 0; i < 4; i++) {
-        __m512i q;
-        if (isinf(inverse)) { /* a block of subnormals: 127 / largest overflows float32 */
-            int32_t values[16];
-            float elements[16];
-            _mm512_storeu_ps(elements, v[i]);
-            for (int j = 0; j < 16; j++) values[j] = (int32_t)lrint((double)elements[j] * 127.0 / largest);
-            q = _mm512_loadu_si512(values);
-        } else {
-            q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inverse))); /* round to nearest even */
-        }
+        __m512i q = to_levels(v[i], 127.0f, largest);
         total = _mm512_add_epi32(total, q);
         _mm_storeu_si128((__m128i *)((i < 2 ? low : high) + 16 * (i % 2)), _mm512_cvtsepi32_epi8(q));
     }
@@ -328,12 +327,8 @@ static float quantize_block64(const uint16_t *x, int8_t *low, int8_t *high, int3
 
 /* Returns 1 without finishing when an activation is NaN or infinite, else 0. */
 static int quantize_int8_blocks(const uint16_t *x, int64_t M, int64_t K, Int8Blocks *out) {
-    const int non_finite = 0x01 | 0x08 | 0x10 | 0x80; /* quiet NaN, +inf, -inf, signalling NaN */
+    if (any_non_finite(x, M * K)) return 1;
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(x + m * K + k)));
-            if (_mm512_fpclass_ps_mask(v, non_finite)) return 1;
-        }
         for (int64_t b = 0; b < K / 64; b++) {
             const int64_t chunk = b / 2, half = b % 2, base = m * K + chunk * 128;
             const int tail = chunk * 128 + 128 > K; /* half a chunk, natural order */
@@ -476,12 +471,7 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
  * empty slot) up to `query`, within `window` of it when window > 0, and where padding (uint8
  * [B or 1, S] at padding_stride per row, or NULL) is nonzero.
  * Rows with no visible key get zeros (the reference's fully masked rows are padding). */
-INLINE float round_bf16(float value) {
-    uint32_t bits = (uint32_t)to_bf16(value) << 16;
-    float rounded;
-    memcpy(&rounded, &bits, sizeof rounded);
-    return rounded;
-}
+INLINE float round_bf16(float value) { return from_bf16(to_bf16(value)); }
 
 INLINE float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) {
     __m512 acc = _mm512_setzero_ps();
@@ -509,7 +499,7 @@ INLINE void weighted_values(const float *probs, const uint16_t *value, const uin
         if (!seen[s]) continue;
         __m512 v[4];
         for (int j = 0; j < DN; j++)
-            v[j] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + s * D + d0 + 16 * j)));
+            v[j] = load_bf16x16(value + s * D + d0 + 16 * j);
         for (int g = 0; g < GN; g++) {
             __m512 p = _mm512_set1_ps(probs[g * S + s]);
             for (int j = 0; j < DN; j++) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
@@ -594,7 +584,7 @@ void gemma2_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_
         __m512 squares = _mm512_setzero_ps();
         int64_t d = 0;
         for (; d + 16 <= D; d += 16) {
-            __m512 v = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(row + d)));
+            __m512 v = load_bf16x16(row + d);
             squares = _mm512_fmadd_ps(v, v, squares);
         }
         float sum = _mm512_reduce_add_ps(squares);
