@@ -161,11 +161,12 @@ def write_random_checkpoint(directory: Path, config: Gemma2Config) -> int:
 
 def checkpoint_weight_bytes(directory: Path) -> int:
     """Bytes of all tensors in a directory's safetensors files, read from their headers."""
+    from gemma2.checkpoint import safetensors_header
+
     total = 0
     for file in sorted(directory.glob("*.safetensors")):
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+        _, entries = safetensors_header(file)
+        total += sum(end - start for start, end in (entry["data_offsets"] for entry in entries.values()))
     return total
 
 

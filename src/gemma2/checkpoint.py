@@ -232,17 +232,20 @@ class CheckpointReader:
         if not filename.endswith(".safetensors"):
             return None
         if filename not in self._data_offsets:
-            path = self.directory / filename
-            with open(path, "rb") as handle:
-                (header_bytes,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_bytes))
             # safe_open has already checked the header against the file; this only finds offsets.
+            data_start, entries = safetensors_header(self.directory / filename)
             self._data_offsets[filename] = {
-                name: 8 + header_bytes + entry["data_offsets"][0]
-                for name, entry in header.items()
-                if name != "__metadata__"
+                name: data_start + entry["data_offsets"][0] for name, entry in entries.items()
             }
         return self.directory / filename, self._data_offsets[filename][key]
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and where data starts."""
+    with open(path, "rb") as handle:
+        (header_bytes,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_bytes))
+    return 8 + header_bytes, {name: entry for name, entry in header.items() if name != "__metadata__"}
 
 
 # ------------------------------------------------------------------------------------------------
