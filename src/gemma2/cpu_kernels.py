@@ -196,20 +196,26 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) 
     return out
 
 
+def _small_op_applies(*tensors: torch.Tensor) -> bool:
+    """Whether tensors are bf16 CPU tensors of a decode step (no autograd) and the library is loaded."""
+    return (
+        all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and _library() is not None
+    )
+
+
 def decode_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether decode_attention can take this call: one bf16 query per row over dense cache slots."""
     _, H, T, D = query.shape
     return (
         T == 1
-        and query.dtype == key.dtype == value.dtype == torch.bfloat16
-        and query.device.type == "cpu"
         and D % 32 == 0
         and H % key.shape[1] == 0
         and key.stride() == value.stride()
         and key.stride(3) == 1
         and key.stride(2) == D
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and _library() is not None
+        and _small_op_applies(query, key, value)
     )
 
 
@@ -275,15 +281,6 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         weight.data_ptr(), scale.data_ptr(), out.data_ptr(), *weight.shape, torch.get_num_threads()
     )
     return out
-
-
-def _small_op_applies(*tensors: torch.Tensor) -> bool:
-    """Whether tensors are bf16 CPU tensors of a decode step (no autograd) and the library is loaded."""
-    return (
-        all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and _library() is not None
-    )
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
