@@ -199,14 +199,23 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
     The tensor lives in the kind of memory gemma2 loads weights into (huge pages where the OS
     offers them, see weight_memory): reads from it are the fastest the weights can be read.
     """
-    import torch
+    return BandwidthProbe(gib, repeats).measure()
 
-    from gemma2.weight_memory import empty_bytes
 
-    x = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
-    x.sum()
-    seconds = median_seconds(lambda: x.sum(), repeats)
-    return x.nbytes / seconds / 1e9
+class BandwidthProbe:
+    """read_bandwidth_gbs with the tensor allocated once, for probes between decode tokens."""
+
+    def __init__(self, gib: float = 0.25, repeats: int = 3) -> None:
+        import torch
+
+        from gemma2.weight_memory import empty_bytes
+
+        self.tensor = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
+        self.repeats = repeats
+
+    def measure(self) -> float:
+        self.tensor.sum()
+        return self.tensor.nbytes / median_seconds(self.tensor.sum, self.repeats) / 1e9
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -492,22 +501,6 @@ def decode_runs(
         bandwidth, spent = probed.get(lo, (None, 0.0))
         results.append((ids.shape[0] * (hi - lo) / (stamps[hi] - stamps[lo] - spent), bandwidth))
     return results
-
-
-class BandwidthProbe:
-    """read_bandwidth_gbs on a tensor allocated once (a probe between tokens must be quick)."""
-
-    def __init__(self, gib: float = 0.25, repeats: int = 3) -> None:
-        import torch
-
-        from gemma2.weight_memory import empty_bytes
-
-        self.tensor = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
-        self.repeats = repeats
-
-    def measure(self) -> float:
-        self.tensor.sum()
-        return self.tensor.nbytes / median_seconds(self.tensor.sum, self.repeats) / 1e9
 
 
 def paired_decode(runner: Runner, ids: torch.Tensor, new_tokens: int, repeats: int, result: dict[str, Any]) -> float:
