@@ -16,10 +16,24 @@ those slots, so the mask follows the cache rather than being guessed by the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from gemma2.config import Gemma2Config
 from gemma2.errors import InputError
+
+
+@dataclass
+class DecodeSlot:
+    """Where one decode step's key and value go, and which slots it attends over."""
+
+    keys: torch.Tensor  # [B, K, capacity, D], the cache's own buffers
+    values: torch.Tensor
+    positions: torch.Tensor | None  # [capacity] position of each slot (-1 empty); None: slot s holds position s
+    slots: int  # attend over slots 0 .. slots - 1 (the new one included)
+    slot: int  # the new token's slot
 
 
 class FullAttentionCache:
@@ -55,6 +69,21 @@ class FullAttentionCache:
         self.length = stop
         positions = torch.arange(stop, device=key.device)
         return self.keys[:, :, :stop], self.values[:, :, :stop], positions
+
+    def decode_slot(self, like: Callable[[], torch.Tensor]) -> DecodeSlot:
+        """Room for one more token, to be filled by a native decode layer.
+
+        like() gives a [B, K, 1, D] tensor to allocate from (called only when the buffers must
+        be allocated or grow). Nothing is recorded until `commit_decode`, so a caller that falls
+        back to `update` can.
+        """
+        if self.keys is None or self.length + 1 > self.keys.shape[2]:
+            self._reserve(like(), self.length + 1)
+        assert self.keys is not None and self.values is not None
+        return DecodeSlot(self.keys, self.values, None, self.length + 1, self.length)
+
+    def commit_decode(self) -> None:
+        self.length += 1
 
     def memory_bytes(self) -> int:
         return _nbytes(self.keys) + _nbytes(self.values)
@@ -115,6 +144,18 @@ class SlidingWindowCache:
         self.slot_positions[slots] = new_positions[-kept:]
         self.length += C
         return keys, values, positions
+
+    def decode_slot(self, like: Callable[[], torch.Tensor]) -> DecodeSlot:
+        """As FullAttentionCache.decode_slot: the ring slot of the key that leaves the window."""
+        if self.keys is None or self.length + 1 > self.capacity:
+            self._reserve(like(), self.length + 1)
+        assert self.keys is not None and self.values is not None and self.slot_positions is not None
+        return DecodeSlot(self.keys, self.values, self.slot_positions, self.capacity, self.length % self.capacity)
+
+    def commit_decode(self) -> None:
+        assert self.slot_positions is not None
+        self.slot_positions[self.length % self.capacity] = self.length
+        self.length += 1
 
     def memory_bytes(self) -> int:
         return _nbytes(self.keys) + _nbytes(self.values)

@@ -510,24 +510,19 @@ INLINE void weighted_values(const float *probs, const uint16_t *value, const uin
             _mm256_storeu_si256((__m256i *)(out + g * D + d0 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
 }
 
-void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values,
-                             const int64_t *positions, const uint8_t *padding, int64_t padding_stride, int64_t query,
-                             int64_t window, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
-                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap, float *scratch,
-                             int threads) {
+/* Attention of each row's query heads over the slots it sees (seen [B, S], nonzero where visible). */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *seen_rows,
+                   uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t batch_stride,
+                   int64_t head_stride, float scaling, float softcap, int threads) {
     const int64_t G = H / K;
+    float *scratch = alloc64(sizeof(float) * (size_t)(B * K * G * S));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bk = 0; bk < B * K; bk++) {
         const int64_t b = bk / K, kv = bk % K;
         const uint16_t *key = keys + b * batch_stride + kv * head_stride;
         const uint16_t *value = values + b * batch_stride + kv * head_stride;
         const uint16_t *query_heads = q + (b * H + kv * G) * D; /* the G query heads of this key head */
-        uint8_t *seen = (uint8_t *)(scratch + B * K * G * S) + bk * S;
-        for (int64_t s = 0; s < S; s++) {
-            const int64_t p = positions[s];
-            seen[s] = p >= 0 && p <= query && (window <= 0 || p > query - window) &&
-                      (padding == NULL || padding[b * padding_stride + s]);
-        }
+        const uint8_t *seen = seen_rows + b * S;
         float *probs = scratch + bk * G * S; /* [G, S] */
         for (int64_t g = 0; g < G; g++) {
             float *p = probs + g * S, largest = -INFINITY;
@@ -567,6 +562,26 @@ void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
             }
         }
     }
+    free(scratch);
+}
+
+/* Whether the query at slot `query` sees a key at slot position p (-1: an empty slot). */
+INLINE int visible(int64_t p, int64_t query, int64_t window) {
+    return p >= 0 && p <= query && (window <= 0 || p > query - window);
+}
+
+/* Padding here is per slot: uint8 [B or 1, S] at padding_stride per row, or NULL. */
+void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values,
+                             const int64_t *positions, const uint8_t *padding, int64_t padding_stride, int64_t query,
+                             int64_t window, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
+                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap, int threads) {
+    uint8_t *seen = malloc((size_t)(B * S));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t s = 0; s < S; s++)
+            seen[b * S + s] =
+                visible(positions[s], query, window) && (padding == NULL || padding[b * padding_stride + s]);
+    attend(q, keys, values, seen, out, B, H, K, S, D, batch_stride, head_stride, scaling, softcap, threads);
+    free(seen);
 }
 
 /* ---- the small per-layer operations of a decode step -------------------------------------------
@@ -620,4 +635,117 @@ void gemma2_rotary(const uint16_t *x, uint16_t *out, const uint16_t *cos, const 
                 o[d + half] = to_bf16(z);
             }
         }
+}
+
+/* ---- a whole decoder layer for one new token per row -------------------------------------------
+ *
+ * The layer's dozens of small PyTorch ops cost more than their arithmetic in a decode step (and
+ * their Python runs with caches cold from the weight streams), so the native path runs all of it
+ * in one call, with the same kernels and roundings as the op-by-op path (gemma2.decode_layer):
+ *   x = norm(h); q, k, v = linear(x); rotary(q, k); write k, v to the cache; attend;
+ *   h1 = h + norm(o_proj(attention)); x2 = norm(h1); a = act(gate(x2)) * up(x2) (each rounded);
+ *   out = h1 + norm(down(a)).
+ * Nothing outside `out` and the cache slot changes; a nonzero return (non-finite activations
+ * reached a quantized linear layer) asks the caller to run the op-by-op path, which rewrites the
+ * slot with the same values. */
+
+typedef struct {
+    int64_t kind;           /* 0 bf16 [N, K], 1 int8 [N, K] + scale [N], 2 int4 [N, K / 2] + scale [N, K / G] */
+    const void *weight;
+    const float *scale;
+    const uint16_t *bias;   /* bf16 [N] or NULL */
+    int64_t N, K, group;
+} Gemma2Linear;
+
+typedef struct {
+    Gemma2Linear q, k, v, o, gate, up, down;
+    const uint16_t *input_norm, *post_attention_norm, *pre_feedforward_norm, *post_feedforward_norm;
+    const uint16_t *activation; /* bf16 -> bf16 by bits [65536]: the reference's activation of each value */
+    float eps, scaling, softcap;
+    int64_t heads, kv_heads, head_dim, window;
+} Gemma2DecodeLayer;
+
+typedef struct {
+    const uint16_t *cos, *sin; /* [B or 1, D] */
+    int64_t cos_stride;        /* D, or 0 when every row shares them */
+    const uint8_t *padding;    /* [B or 1, positions] by key position (nonzero: a real token), or NULL */
+    int64_t padding_stride;
+    int64_t query;             /* the new token's position */
+} Gemma2DecodeStep;
+
+typedef struct {
+    uint16_t *keys, *values;   /* [B, kv_heads, slots, D] at these element strides */
+    int64_t batch_stride, head_stride;
+    const int64_t *positions;  /* [slots] position of each slot (-1 empty), or NULL: slot s holds position s */
+    int64_t slots;             /* slots to attend over */
+    int64_t slot;              /* where the new key and value go */
+} Gemma2DecodeCache;
+
+static int run_linear(const Gemma2Linear *l, const uint16_t *x, uint16_t *y, int64_t M, int threads) {
+    int non_finite = 0;
+    if (l->kind == 0)
+        gemma2_linear_bf16(x, l->weight, y, M, l->N, l->K, threads);
+    else if (l->kind == 1)
+        non_finite = gemma2_linear_int8(x, l->weight, l->scale, y, M, l->N, l->K, threads);
+    else
+        non_finite = gemma2_linear_int4(x, l->weight, l->scale, y, M, l->N, l->K, l->group, threads);
+    if (!non_finite && l->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < l->N; n++)
+                y[m * l->N + n] = to_bf16(from_bf16(y[m * l->N + n]) + from_bf16(l->bias[n]));
+    return non_finite;
+}
+
+/* out = bf16(a + b) elementwise, as a bf16 tensor add. */
+static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = to_bf16(from_bf16(a[i]) + from_bf16(b[i]));
+}
+
+int gemma2_decode_layer(const Gemma2DecodeLayer *L, const Gemma2DecodeStep *step, const Gemma2DecodeCache *cache,
+                        const uint16_t *h, uint16_t *out, int64_t B, int threads) {
+    const int64_t d = L->o.N, D = L->head_dim, HD = L->heads * D, KD = L->kv_heads * D, F = L->gate.N;
+    const int64_t S = cache->slots;
+    /* bf16 scratch: x, q, q_rotated, k, k_rotated, v, attention, o, h1, gate, up, act */
+    uint16_t *x = alloc64(sizeof(uint16_t) * (size_t)(B * (4 * d + 3 * HD + 3 * KD + 3 * F)));
+    uint16_t *q = x + B * d, *q_rot = q + B * HD, *k = q_rot + B * HD, *k_rot = k + B * KD, *v = k_rot + B * KD;
+    uint16_t *att = v + B * KD, *o = att + B * HD, *h1 = o + B * d, *gate = h1 + B * d, *up = gate + B * F;
+    uint16_t *act = up + B * F, *normed = act + B * F;
+    uint8_t *seen = malloc((size_t)(B * S));
+    int failed = 0;
+
+    gemma2_rms_norm(h, L->input_norm, x, B, d, L->eps);
+    failed = run_linear(&L->q, x, q, B, threads) || run_linear(&L->k, x, k, B, threads) ||
+             run_linear(&L->v, x, v, B, threads);
+    if (failed) goto done;
+    gemma2_rotary(q, q_rot, step->cos, step->sin, B, L->heads, D, step->cos_stride);
+    gemma2_rotary(k, k_rot, step->cos, step->sin, B, L->kv_heads, D, step->cos_stride);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t kv = 0; kv < L->kv_heads; kv++) {
+            const int64_t at = b * cache->batch_stride + kv * cache->head_stride + cache->slot * D;
+            memcpy(cache->keys + at, k_rot + (b * L->kv_heads + kv) * D, sizeof(uint16_t) * (size_t)D);
+            memcpy(cache->values + at, v + (b * L->kv_heads + kv) * D, sizeof(uint16_t) * (size_t)D);
+        }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t p = s == cache->slot ? step->query : cache->positions ? cache->positions[s] : s;
+            seen[b * S + s] = visible(p, step->query, L->window) &&
+                              (step->padding == NULL || step->padding[b * step->padding_stride + p]);
+        }
+    attend(q_rot, cache->keys, cache->values, seen, att, B, L->heads, L->kv_heads, S, D, cache->batch_stride,
+           cache->head_stride, L->scaling, L->softcap, threads);
+    if ((failed = run_linear(&L->o, att, o, B, threads))) goto done;
+    gemma2_rms_norm(o, L->post_attention_norm, normed, B, d, L->eps);
+    add_bf16(h, normed, h1, B * d);
+
+    gemma2_rms_norm(h1, L->pre_feedforward_norm, x, B, d, L->eps);
+    if ((failed = run_linear(&L->gate, x, gate, B, threads) || run_linear(&L->up, x, up, B, threads))) goto done;
+    for (int64_t i = 0; i < B * F; i++)
+        act[i] = to_bf16(from_bf16(L->activation[gate[i]]) * from_bf16(up[i]));
+    if ((failed = run_linear(&L->down, act, o, B, threads))) goto done;
+    gemma2_rms_norm(o, L->post_feedforward_norm, normed, B, d, L->eps);
+    add_bf16(h1, normed, out, B * d);
+done:
+    free(x);
+    free(seen);
+    return failed;
 }

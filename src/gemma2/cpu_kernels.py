@@ -98,12 +98,13 @@ def _library() -> ctypes.CDLL | None:
         *(_c_int64,) * 7,
         ctypes.c_float,
         ctypes.c_float,
-        _c_ptr,
         ctypes.c_int,
     ]
     library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_rms_norm.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_float]
     library.gemma2_rotary.argtypes = [*(_c_ptr,) * 4, *(_c_int64,) * 4]
+    library.gemma2_decode_layer.argtypes = [*(_c_ptr,) * 5, _c_int64, ctypes.c_int]
+    library.gemma2_decode_layer.restype = ctypes.c_int
     return library
 
 
@@ -239,13 +240,11 @@ def decode_attention(
     assert library is not None
     B, H, _, D = query.shape
     K, S = key.shape[1], key.shape[2]
-    G = H // K
     query = query.reshape(B, H, D).contiguous()
     positions = key_positions.to(torch.int64).contiguous()
     padding = None if key_padding is None else key_padding.to(torch.uint8).contiguous()
     padding_stride = 0 if padding is None or padding.shape[0] == 1 else S
     out = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
-    scratch = torch.empty(B * K * G * S + (B * K * S + 3) // 4, dtype=torch.float32)  # probabilities, then seen
     library.gemma2_decode_attention(
         query.data_ptr(),
         key.data_ptr(),
@@ -265,7 +264,6 @@ def decode_attention(
         key.stride(1),
         scaling,
         softcap or 0.0,
-        scratch.data_ptr(),
         torch.get_num_threads(),
     )
     return out

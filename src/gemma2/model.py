@@ -8,7 +8,8 @@ heads, D head_dim, d hidden_size, F intermediate_size, V vocab_size, W sliding w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from gemma2.attention import MaskSpec, attention
 from gemma2.cache import Gemma2Cache, LayerCache
 from gemma2.config import Gemma2Config
 from gemma2.cpu_kernels import Linear
+from gemma2.decode_layer import decode_layer
 from gemma2.errors import InputError
 from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
@@ -91,6 +93,8 @@ class AttentionInputs:
     query_positions: torch.Tensor  # [T] cache slots of the new tokens
     padding: torch.Tensor | None  # [B, slots] bool, True for real tokens (attention_mask)
     segments: torch.Tensor | None  # [B, T] packed-document index, when position_ids restart
+    start: int = 0  # slot of the first new token (tokens already in the cache)
+    native: dict[str, Any] = field(default_factory=dict)  # what the native decode layer derives once per forward
 
     def mask(self, key_positions: torch.Tensor, window: int | None) -> MaskSpec:
         key_padding = None
@@ -166,6 +170,10 @@ class Gemma2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = Gemma2RMSNorm(d, eps)
 
     def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
+        if cache is not None and h.shape[1] == 1:  # a decode step: the whole layer in one native call
+            out = decode_layer(self, h, inputs, cache)
+            if out is not None:
+                return out
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -242,7 +250,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if attention_mask is not None:
             padding = self._check_attention_mask(attention_mask, B, start + T).to(device)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        inputs = AttentionInputs(cos, sin, query_positions, padding, segments)
+        inputs = AttentionInputs(cos, sin, query_positions, padding, segments, start)
 
         h = inputs_embeds
         all_hidden: list[torch.Tensor] = []

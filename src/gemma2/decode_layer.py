@@ -1,0 +1,281 @@
+"""A whole decoder layer in one native call, for decode steps on the CPU.
+
+A decode step of gemma-2-2b runs about 30 small PyTorch ops per layer around its seven matrix-vector
+products: norms, rotary, cache writes, masks, residual adds, the activation. Each costs microseconds
+of dispatch, and in a decode step their Python runs with caches that the weight streams just
+flushed; together they were 15-20 % of a bf16 step. cpu_kernels.c's gemma2_decode_layer does the
+same work in one call, with the same kernels and the same roundings, so its output is bit for bit
+what Gemma2DecoderLayer's op-by-op path gives (tests/test_decode_layer.py).
+
+It takes a layer only when every piece is one it knows: Linear (bf16), Int8Linear or Int4Linear
+projections, bf16 norms, no hooks, no autograd, no dropout, one new token per row, at most
+cpu_kernels.MAX_ROWS rows. Anything else (LoRA-wrapped projections, a prompt, training) runs the
+op-by-op path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.modules.module as torch_modules
+
+from gemma2 import cpu_kernels
+from gemma2.cache import FullAttentionCache, SlidingWindowCache
+from gemma2.cpu_kernels import Linear
+from gemma2.quantization import Int4Linear, Int8Linear
+
+if TYPE_CHECKING:
+    from gemma2.model import AttentionInputs, Gemma2DecoderLayer
+
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("kind", _i64),
+        ("weight", _ptr),
+        ("scale", _ptr),
+        ("bias", _ptr),
+        ("N", _i64),
+        ("K", _i64),
+        ("group", _i64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, _Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")),
+        *((name, _ptr) for name in ("input_norm", "post_attention_norm", "pre_feedforward_norm")),
+        ("post_feedforward_norm", _ptr),
+        ("activation", _ptr),
+        ("eps", _f32),
+        ("scaling", _f32),
+        ("softcap", _f32),
+        ("heads", _i64),
+        ("kv_heads", _i64),
+        ("head_dim", _i64),
+        ("window", _i64),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("cos", _ptr),
+        ("sin", _ptr),
+        ("cos_stride", _i64),
+        ("padding", _ptr),
+        ("padding_stride", _i64),
+        ("query", _i64),
+    ]
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [
+        ("keys", _ptr),
+        ("values", _ptr),
+        ("batch_stride", _i64),
+        ("head_stride", _i64),
+        ("positions", _ptr),
+        ("slots", _i64),
+        ("slot", _i64),
+    ]
+
+
+@lru_cache(maxsize=8)
+def activation_table(name: str) -> torch.Tensor:
+    """The activation of every bf16 value, indexed by its bits: exactly what the op-by-op path computes."""
+    from gemma2.model import activation
+
+    every_value = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return activation(name, every_value).contiguous()
+
+
+def _linear(module: Any) -> _Linear | None:
+    """The C description of a projection, or None when the native kernels cannot run it."""
+    bias = module.bias
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        return None
+    bias_ptr = None if bias is None else bias.data_ptr()
+    kind = type(module)
+    if kind is Linear:
+        weight = module.weight
+        if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 32:
+            return None
+        return _Linear(0, weight.data_ptr(), None, bias_ptr, *weight.shape, 0)
+    if kind is Int8Linear or kind is Int4Linear:
+        scale = module.weight_scale
+        if scale.dtype != torch.float32 or not scale.is_contiguous() or not module.weight.is_contiguous():
+            return None
+        if module.in_features % 32:
+            return None
+        group = module.group_size if kind is Int4Linear else 0
+        return _Linear(
+            1 if kind is Int8Linear else 2,
+            module.weight.data_ptr(),
+            scale.data_ptr(),
+            bias_ptr,
+            module.out_features,
+            module.in_features,
+            group,
+        )
+    return None
+
+
+def _parts(layer: Gemma2DecoderLayer) -> list[Any]:
+    """The seven projections, then the four norms (read from the module dicts: this runs every step)."""
+    attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules  # type: ignore[union-attr]
+    norms = layer._modules
+    return [
+        attn["q_proj"],
+        attn["k_proj"],
+        attn["v_proj"],
+        attn["o_proj"],
+        mlp["gate_proj"],
+        mlp["up_proj"],
+        mlp["down_proj"],
+        norms["input_layernorm"],
+        norms["post_attention_layernorm"],
+        norms["pre_feedforward_layernorm"],
+        norms["post_feedforward_layernorm"],
+    ]
+
+
+def _describe(layer: Gemma2DecoderLayer, parts: list[Any]) -> _Layer | None:
+    linears = [_linear(module) for module in parts[:7]]
+    norms = [module.weight for module in parts[7:]]
+    if any(linear is None for linear in linears):
+        return None
+    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu" for w in norms):
+        return None
+    attn = layer.self_attn
+    if attn.head_dim % 32:
+        return None
+    table = activation_table(layer.mlp.activation)
+    description = _Layer(
+        *linears,
+        *(w.data_ptr() for w in norms),
+        table.data_ptr(),
+        layer.input_layernorm.eps,
+        attn.scaling,
+        attn.softcap or 0.0,
+        attn.num_heads,
+        attn.num_kv_heads,
+        attn.head_dim,
+        attn.window or 0,
+    )
+    return description
+
+
+def _tensors(parts: list[Any]) -> list[torch.Tensor]:
+    """Every parameter and buffer of the parts: what the C description points into."""
+    tensors: list[torch.Tensor] = []
+    for module in parts:
+        tensors += [t for t in module._parameters.values() if t is not None]
+        tensors += [t for t in module._buffers.values() if t is not None]
+    return tensors
+
+
+def _layer_description(layer: Gemma2DecoderLayer) -> _Layer | None:
+    """The layer's C description, rebuilt whenever a part, a tensor's storage or a hook changed."""
+    if torch_modules._global_forward_hooks or torch_modules._global_forward_pre_hooks:
+        return None
+    parts = _parts(layer)
+    for module in parts:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+    tensors = _tensors(parts)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    key = [id(module) for module in parts] + [t.data_ptr() for t in tensors]
+    cached = getattr(layer, "_native_decode", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    description = _describe(layer, parts)
+    layer._native_decode = (key, description)  # type: ignore[assignment]
+    return description
+
+
+def _step(inputs: AttentionInputs, B: int, head_dim: int) -> _Step:
+    """What every layer of this decode step shares (built by the first layer, kept in inputs)."""
+    step = inputs.native.get("step")
+    if step is None:
+        cos, padding = inputs.cos, inputs.padding
+        if padding is not None:
+            padding = inputs.native["padding"] = padding.to(torch.uint8).contiguous()
+        step = inputs.native["step"] = _Step(
+            cos.data_ptr(),
+            inputs.sin.data_ptr(),
+            head_dim if cos.shape[0] == B and B > 1 else 0,
+            None if padding is None else padding.data_ptr(),
+            0 if padding is None or padding.shape[0] == 1 else padding.shape[1],
+            inputs.start,
+        )
+    return step
+
+
+def _cache_view(cache: Any, h: torch.Tensor, kv_heads: int, head_dim: int) -> _Cache | None:
+    """The C view of the layer cache's buffers with this step's slot; None if the batch differs."""
+    B = h.shape[0]
+    slot = cache.decode_slot(lambda: h.new_empty(B, kv_heads, 1, head_dim))
+    keys = slot.keys
+    if keys.shape[0] != B:
+        return None  # the op-by-op path raises the error
+    positions = None if slot.positions is None else slot.positions.data_ptr()
+    view = getattr(cache, "_native_view", None)
+    # Rebuilt when the cache (re)allocates its buffers; ctypes reads a NULL pointer field as None.
+    if view is None or view.keys != keys.data_ptr() or view.positions != positions:
+        view = _Cache(keys.data_ptr(), slot.values.data_ptr(), keys.stride(0), keys.stride(1), positions, 0, 0)
+        cache._native_view = view
+    view.slots, view.slot = slot.slots, slot.slot
+    return view
+
+
+def decode_layer(
+    layer: Gemma2DecoderLayer, h: torch.Tensor, inputs: AttentionInputs, cache: Any
+) -> torch.Tensor | None:
+    """The layer's output for h [B, 1, d] through the native call, or None when it does not apply.
+
+    None leaves the cache as it was; the caller then runs the op-by-op path.
+    """
+    B, T, _ = h.shape
+    if (
+        T != 1
+        or not 0 < B <= cpu_kernels.MAX_ROWS
+        or not isinstance(cache, (FullAttentionCache, SlidingWindowCache))
+        or inputs.segments is not None
+        or (layer.training and layer.self_attn.dropout > 0)
+        or h.dtype != torch.bfloat16
+        or h.device.type != "cpu"
+        or (torch.is_grad_enabled() and h.requires_grad)
+        or not cpu_kernels.available()
+    ):
+        return None
+    cos, sin = inputs.cos, inputs.sin
+    if cos.dtype != torch.bfloat16 or cos.shape[0] not in (1, B) or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    description = _layer_description(layer)
+    if description is None:
+        return None
+    view = _cache_view(cache, h, description.kv_heads, description.head_dim)
+    if view is None:
+        return None
+    h = h.contiguous()
+    out = torch.empty_like(h)
+    library = cpu_kernels._library()
+    assert library is not None
+    failed = library.gemma2_decode_layer(
+        ctypes.byref(description),
+        ctypes.byref(_step(inputs, B, description.head_dim)),
+        ctypes.byref(view),
+        h.data_ptr(),
+        out.data_ptr(),
+        B,
+        torch.get_num_threads(),
+    )
+    if failed:
+        return None
+    cache.commit_decode()
+    return out
