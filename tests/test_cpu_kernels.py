@@ -640,3 +640,47 @@ def test_decode_attention_equals_eager_attention(
             q, keys, values, key_positions, query_position, None, padding, 0.0625, softcap
         )
         assert not torch.equal(wide[sees].float(), got)
+
+
+EVERY_BF16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit equal bf16 tensors, any NaN matching any NaN."""
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+
+@native
+@pytest.mark.parametrize("cap", [30.0, 50.0, 7.3, 1e-3])
+def test_soft_cap_is_bit_identical_for_every_bf16_value(cap: float) -> None:
+    """Subnormals included: the native rounding must not flush them as VCVTNEPS2BF16 does."""
+    logits = EVERY_BF16.view(4, -1)
+    assert cpu_kernels.logits_op_applies(logits)
+    assert same_bits(cpu_kernels.soft_cap(logits, cap), torch.tanh(logits / cap) * cap)
+    odd = EVERY_BF16[:1001]  # a length that leaves a scalar tail
+    assert same_bits(cpu_kernels.soft_cap(odd, cap), torch.tanh(odd / cap) * cap)
+
+
+@native
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 1000, 256000])
+def test_argmax_equals_torch_argmax_with_ties_nan_and_signed_zeros(n: int) -> None:
+    g = generator(n)
+    for trial in range(12):
+        logits = (torch.randn(3, n, generator=g) * 3).round().bfloat16()  # many ties
+        if trial % 4 == 1:
+            logits[1, int(torch.randint(0, n, (1,), generator=g))] = float("nan")
+        elif trial % 4 == 2:
+            logits[:] = float("-inf")
+        elif trial % 4 == 3:
+            logits[0] = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, -0.0)
+        assert torch.equal(cpu_kernels.argmax(logits), logits.argmax(-1))
+
+
+def test_logits_ops_leave_training_prompts_and_other_dtypes_to_pytorch() -> None:
+    logits = torch.randn(2, 300).bfloat16()
+    assert cpu_kernels.logits_op_applies(logits) == cpu_kernels.available()
+    assert not cpu_kernels.logits_op_applies(logits.float())
+    assert not cpu_kernels.logits_op_applies(torch.randn(65, 300).bfloat16())  # a prompt's rows
+    assert not cpu_kernels.logits_op_applies(torch.randn(300, 2).bfloat16().T)  # not contiguous
+    with torch.enable_grad():
+        assert not cpu_kernels.logits_op_applies(logits.clone().requires_grad_())

@@ -105,6 +105,8 @@ def _library() -> ctypes.CDLL | None:
     library.gemma2_rotary.argtypes = [*(_c_ptr,) * 4, *(_c_int64,) * 4]
     library.gemma2_decode_layer.argtypes = [*(_c_ptr,) * 5, _c_int64, ctypes.c_int]
     library.gemma2_decode_layer.restype = ctypes.c_int
+    library.gemma2_soft_cap.argtypes = [_c_ptr, _c_ptr, _c_int64, ctypes.c_float, ctypes.c_int]
+    library.gemma2_argmax_bf16.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr]
     return library
 
 
@@ -322,6 +324,35 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     out = torch.empty(B, heads, 1, D, dtype=x.dtype)
     cos_stride = D if cos.shape[0] == B and B > 1 else 0
     library.gemma2_rotary(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, heads, D, cos_stride)
+    return out
+
+
+def logits_op_applies(logits: torch.Tensor) -> bool:
+    """Whether soft_cap / argmax can take these logits: a decode step's few bf16 rows, contiguous."""
+    return (
+        logits.dim() >= 1
+        and 0 < logits.numel() // max(logits.shape[-1], 1) <= SMALL_OP_ROWS
+        and logits.is_contiguous()
+        and _small_op_applies(logits)
+    )
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """tanh(logits / cap) * cap with the bf16 roundings of those three tensor ops; where logits_op_applies."""
+    library = _library()
+    assert library is not None
+    out = torch.empty_like(logits)
+    library.gemma2_soft_cap(logits.data_ptr(), out.data_ptr(), logits.numel(), cap, torch.get_num_threads())
+    return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) (first largest; first NaN if any); where logits_op_applies."""
+    library = _library()
+    assert library is not None
+    out = torch.empty(logits.shape[:-1], dtype=torch.int64)
+    rows = logits.numel() // logits.shape[-1]
+    library.gemma2_argmax_bf16(logits.data_ptr(), rows, logits.shape[-1], out.data_ptr())
     return out
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
+from gemma2 import cpu_kernels
 from gemma2.cpu_kernels import Linear
 from gemma2.errors import InputError
 from gemma2.model import Gemma2Model
@@ -31,6 +32,8 @@ def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """tanh(x / cap) * cap, the reference's op order; identity when cap is None."""
     if cap is None:
         return logits
+    if cpu_kernels.logits_op_applies(logits):  # a decode step's logits: one native call
+        return cpu_kernels.soft_cap(logits, cap)
     return torch.tanh(logits / cap) * cap
 
 
