@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma2 import cpu_kernels
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
-from gemma2 import cpu_kernels
 from gemma2.cpu_kernels import Linear
 from gemma2.errors import InputError
 from gemma2.model import Gemma2Model
