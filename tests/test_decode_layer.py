@@ -24,21 +24,21 @@ pytestmark = native
 
 @pytest.fixture
 def native_layer_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the layer calls the native path answered."""
+    """How many layers the native call ran, for each decode step."""
     calls: list[int] = []
-    real = decode_layer.decode_layer
+    real = decode_layer.decode_layers
 
-    def spy(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
-        calls.append(out is not None)
-        return out
+    def spy(*args: Any) -> tuple[torch.Tensor, int]:
+        h, done = real(*args)
+        calls.append(done)
+        return h, done
 
-    monkeypatch.setattr("gemma2.model.decode_layer", spy)
+    monkeypatch.setattr("gemma2.model.decode_layers", spy)
     return calls
 
 
 def op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gemma2.model.decode_layer", lambda *args: None)
+    monkeypatch.setattr("gemma2.model.decode_layers", lambda layers, h, *args: (h, 0))
 
 
 @torch.no_grad()
@@ -114,7 +114,7 @@ def test_native_layer_equals_the_op_by_op_path(
     ids = torch.randint(2, 200, (B, total), generator=torch.Generator().manual_seed(B + total))
     fast, fast_cache = decode_run(model, ids, prompt, max_length=max_length)
     layers = model.config.num_hidden_layers
-    assert native_layer_calls.count(True) == layers * (total - prompt)
+    assert native_layer_calls == [layers] * (total - prompt)
     op_by_op(monkeypatch)
     slow, slow_cache = decode_run(model, ids, prompt, max_length=max_length)
     assert torch.equal(fast, slow)
@@ -128,7 +128,7 @@ def test_left_padded_rows_see_only_their_tokens(monkeypatch: pytest.MonkeyPatch,
     mask[1, :3] = 0
     mask[2, :5] = 0
     fast, _ = decode_run(model, ids, 6, mask)
-    assert all(native_layer_calls) and len(native_layer_calls) == 2 * 8
+    assert native_layer_calls == [2] * 8
     op_by_op(monkeypatch)
     slow, _ = decode_run(model, ids, 6, mask)
     assert torch.equal(fast, slow)
@@ -141,28 +141,21 @@ def test_generate_uses_the_native_layer_and_gives_the_same_tokens(
     model = model_of(width)
     prompt = torch.randint(2, 200, (2, 7), generator=torch.Generator().manual_seed(1))
     fast = model.generate(prompt, max_new_tokens=12, eos_token_id=[])
-    assert native_layer_calls and all(native_layer_calls)
+    assert native_layer_calls == [2] * 11
     op_by_op(monkeypatch)
     assert torch.equal(fast, model.generate(prompt, max_new_tokens=12, eos_token_id=[]))
 
 
-def test_non_finite_activations_fall_back_without_touching_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 layers cannot carry NaN: the native call gives up and the op-by-op path answers."""
-    model = model_of("int8")
+def test_non_finite_activations_fall_back_without_touching_the_cache(
+    monkeypatch: pytest.MonkeyPatch, native_layer_calls: list[int]
+) -> None:
+    """int8 layers cannot carry inf: the native call stops there and the op-by-op path goes on."""
+    model = model_of("int8", num_hidden_layers=3)
     with torch.no_grad():
         model.model.layers[1].input_layernorm.weight[3] = float("inf")
     ids = torch.randint(2, 200, (1, 8), generator=torch.Generator().manual_seed(2))
-    results: list[bool] = []
-    real = decode_layer.decode_layer
-
-    def spy(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
-        results.append(out is not None)
-        return out
-
-    monkeypatch.setattr("gemma2.model.decode_layer", spy)
     fast, fast_cache = decode_run(model, ids, 4)
-    assert results == [True, False] * 4  # layer 1 sees inf after its norm in every step
+    assert native_layer_calls == [1] * 4  # layer 1 sees inf after its norm in every step
     op_by_op(monkeypatch)
     slow, slow_cache = decode_run(model, ids, 4)
     assert same(fast, slow)
@@ -170,26 +163,41 @@ def test_non_finite_activations_fall_back_without_touching_the_cache(monkeypatch
 
 
 def test_layers_with_hooks_grad_or_other_projections_use_the_op_by_op_path(native_layer_calls: list[int]) -> None:
-    model = model_of("bf16")
+    model = model_of("bf16", num_hidden_layers=3)
     ids = torch.randint(2, 200, (1, 6), generator=torch.Generator().manual_seed(4))
     seen: list[torch.Size] = []
-    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    decode_run(model, ids, 4)
-    assert native_layer_calls == [False, True, False, True]  # layer 0 has a hook, layer 1 not
+    handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    want, _ = decode_run(model, ids, 4)
+    assert native_layer_calls == [1, 1]  # layer 0 natively, then op by op from the hooked layer 1
     assert len(seen) == 3  # the prompt and both decode steps ran the hooked module
     handle.remove()
     native_layer_calls.clear()
-    model.model.layers[1].self_attn.o_proj = torch.nn.Linear(128, 128, bias=False).bfloat16()
+    handle = model.model.layers[0].register_forward_pre_hook(lambda m, a: None)
+    got, _ = decode_run(model, ids, 4)
+    assert native_layer_calls == [0, 0] and torch.equal(got, want)
+    handle.remove()
+    native_layer_calls.clear()
+    model.model.layers[2].self_attn.o_proj = torch.nn.Linear(128, 128, bias=False).bfloat16()
     decode_run(model, ids, 4)
-    assert native_layer_calls == [True, False, True, False]
+    assert native_layer_calls == [2, 2]
     native_layer_calls.clear()
     with torch.enable_grad():
         model.requires_grad_(True)
         cache = Gemma2Cache(model.config)
         model(ids[:, :4], past_key_values=cache, use_cache=True)
         model(ids[:, 4:5], past_key_values=cache, use_cache=True).logits.sum().backward()
-    assert native_layer_calls == [False, False]
+    assert native_layer_calls == [0]
     assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_hidden_states_output_runs_every_layer_op_by_op(native_layer_calls: list[int]) -> None:
+    model = model_of("bf16")
+    ids = torch.randint(2, 200, (1, 6), generator=torch.Generator().manual_seed(4))
+    cache = Gemma2Cache(model.config)
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=cache, use_cache=True)
+        out = model(ids[:, 5:], past_key_values=cache, use_cache=True, output_hidden_states=True)
+    assert native_layer_calls == [] and len(out.hidden_states) == 3
 
 
 def test_replacing_weights_rebuilds_the_layer_description() -> None:

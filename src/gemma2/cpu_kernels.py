@@ -103,8 +103,8 @@ def _library() -> ctypes.CDLL | None:
     library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_rms_norm.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_float]
     library.gemma2_rotary.argtypes = [*(_c_ptr,) * 4, *(_c_int64,) * 4]
-    library.gemma2_decode_layer.argtypes = [*(_c_ptr,) * 5, _c_int64, ctypes.c_int]
-    library.gemma2_decode_layer.restype = ctypes.c_int
+    library.gemma2_decode_layers.argtypes = [_c_int64, *(_c_ptr,) * 5, _c_int64, ctypes.c_int]
+    library.gemma2_decode_layers.restype = _c_int64
     library.gemma2_soft_cap.argtypes = [_c_ptr, _c_ptr, _c_int64, ctypes.c_float, ctypes.c_int]
     library.gemma2_argmax_bf16.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr]
     return library

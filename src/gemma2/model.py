@@ -21,7 +21,7 @@ from gemma2.attention import MaskSpec, attention
 from gemma2.cache import Gemma2Cache, LayerCache
 from gemma2.config import Gemma2Config
 from gemma2.cpu_kernels import Linear
-from gemma2.decode_layer import decode_layer
+from gemma2.decode_layer import decode_layers
 from gemma2.errors import InputError
 from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
@@ -170,10 +170,6 @@ class Gemma2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = Gemma2RMSNorm(d, eps)
 
     def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
-        if cache is not None and h.shape[1] == 1:  # a decode step: the whole layer in one native call
-            out = decode_layer(self, h, inputs, cache)
-            if out is not None:
-                return out
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -253,8 +249,13 @@ class Gemma2Model(Gemma2PreTrainedModel):
         inputs = AttentionInputs(cos, sin, query_positions, padding, segments, start)
 
         h = inputs_embeds
+        first = 0
+        if past_key_values is not None and T == 1 and not output_hidden_states:
+            # A decode step: the layers in one native call where they allow it (decode_layer.py).
+            h, first = decode_layers(self.layers, h, inputs, past_key_values.layers)
         all_hidden: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i in range(first, len(self.layers)):
+            layer = self.layers[i]
             if output_hidden_states:
                 all_hidden.append(h)
             layer_cache = past_key_values.layers[i] if past_key_values is not None else None
