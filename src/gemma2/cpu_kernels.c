@@ -367,12 +367,13 @@ INLINE void int4_stream(const Int8Blocks *x, const uint8_t *q, const float *scal
     const float *row_scale = scale + n * groups;
     __m512 total[MAX_ROWS][2];
     for (int m = 0; m < M; m++) total[m][0] = total[m][1] = _mm512_setzero_ps();
+    const int group_shift = G == 256 ? 1 : 0; /* chunks of 128 per group, as a shift: no division per chunk */
     for (int64_t c = 0; c < full; c++) {
         __m512i packed = _mm512_loadu_si512(row + 64 * c);
         __m512i low = _mm512_and_si512(packed, nibble), high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
         __m512 weight_scale = G == 64 ? _mm512_insertf32x8(_mm512_set1_ps(row_scale[2 * c]),
                                                            _mm256_set1_ps(row_scale[2 * c + 1]), 1)
-                                      : _mm512_set1_ps(row_scale[c * 128 / G]);
+                                      : _mm512_set1_ps(row_scale[c >> group_shift]);
         for (int m = 0; m < M; m++) {
             const int8_t *xq = x->x + m * K + 128 * c;
             const int64_t at = (m * x->chunks + c) * 16;
