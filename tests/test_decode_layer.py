@@ -146,6 +146,21 @@ def test_generate_uses_the_native_layer_and_gives_the_same_tokens(
     assert torch.equal(fast, model.generate(prompt, max_new_tokens=12, eos_token_id=[]))
 
 
+def test_generate_with_left_padding_matches_the_op_by_op_path(
+    monkeypatch: pytest.MonkeyPatch, native_layer_calls: list[int]
+) -> None:
+    """Padded rows get their own positions (rotary per row) and mask their padding slots."""
+    model = model_of("int4")
+    prompt = torch.randint(2, 200, (3, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    fast = model.generate(prompt, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    assert native_layer_calls == [2] * 9
+    op_by_op(monkeypatch)
+    assert torch.equal(fast, model.generate(prompt, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
+
+
 def test_non_finite_activations_fall_back_without_touching_the_cache(
     monkeypatch: pytest.MonkeyPatch, native_layer_calls: list[int]
 ) -> None:

@@ -152,6 +152,8 @@ def _describe(layer: Gemma2DecoderLayer, parts: list[Any]) -> _Layer | None:
         return None
     if any(w.dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu" for w in norms):
         return None
+    if len({module.eps for module in parts[7:]}) != 1:  # the C layer takes one epsilon
+        return None
     attn = layer.self_attn
     if attn.head_dim % 32:
         return None
