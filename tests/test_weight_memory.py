@@ -29,6 +29,24 @@ def test_large_tensors_start_on_a_huge_page_boundary() -> None:
     assert tensor.data_ptr() % weight_memory.HUGE_PAGE_BYTES == 0
 
 
+def test_huge_pages_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    mapped: list[int] = []
+    real = mmap.mmap
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        mapped.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", spy)
+    weight_memory.empty_bytes(weight_memory.SMALLEST_HUGE_PAGE_TENSOR)
+    assert len(mapped) == (1 if hasattr(mmap, "MADV_HUGEPAGE") else 0)
+    monkeypatch.setenv("GEMMA2_HUGE_PAGES", "0")
+    out = weight_memory.empty_bytes(weight_memory.SMALLEST_HUGE_PAGE_TENSOR)
+    assert len(mapped) == (1 if hasattr(mmap, "MADV_HUGEPAGE") else 0)  # no new mapping
+    assert out.numel() == weight_memory.SMALLEST_HUGE_PAGE_TENSOR
+    out.fill_(7)
+
+
 def test_reader_read_equals_the_mapped_tensor_for_every_dtype_and_shape(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     big = weight_memory.SMALLEST_HUGE_PAGE_TENSOR // 2 + 5  # bf16 elements: a huge-page tensor

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -22,9 +23,15 @@ SMALLEST_HUGE_PAGE_TENSOR = 2 * HUGE_PAGE_BYTES  # below this, aligning would wa
 READ_CHUNK_BYTES = 1 << 30  # one read() call returns at most about 2 GiB on Linux
 
 
+def huge_pages_wanted() -> bool:
+    """False when GEMMA2_HUGE_PAGES=0: where the OS must compact memory to find huge pages, loading
+    can take seconds longer (gemma-2-2b: 2 to 10 s here), which someone may not want to pay."""
+    return os.environ.get("GEMMA2_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def empty_bytes(nbytes: int) -> torch.Tensor:
     """A new uint8 tensor [nbytes]; a large one starts on a huge-page boundary of MADV_HUGEPAGE memory."""
-    if nbytes < SMALLEST_HUGE_PAGE_TENSOR or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if nbytes < SMALLEST_HUGE_PAGE_TENSOR or not huge_pages_wanted():
         return torch.empty(nbytes, dtype=torch.uint8)
     # Private: a shared anonymous mapping is shmem, which gets neither huge pages nor fast faults.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
