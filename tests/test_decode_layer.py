@@ -237,3 +237,19 @@ def test_activation_table_is_the_activation_of_every_bf16_value() -> None:
     values = torch.randn(4096).bfloat16()
     bits = values.view(torch.int16).to(torch.int64) & 0xFFFF
     assert torch.equal(table[bits], activation("gelu_pytorch_tanh", values))
+
+
+def test_models_and_caches_stay_copyable_and_picklable_after_native_steps() -> None:
+    import io
+
+    model = model_of("int8")
+    ids = torch.randint(2, 200, (1, 7), generator=torch.Generator().manual_seed(8))
+    _, cache = decode_run(model, ids, 4)
+    twin, twin_cache = copy.deepcopy(model), copy.deepcopy(cache)
+    torch.save(model, io.BytesIO())
+    # The copies decode on their own buffers: the same next logits as the originals.
+    with torch.no_grad():
+        a = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        b = twin(ids[:, -1:], past_key_values=twin_cache, use_cache=True).logits
+    assert torch.equal(a, b)
+    assert cache.layers[0].keys.data_ptr() != twin_cache.layers[0].keys.data_ptr()

@@ -17,6 +17,7 @@ hooks, or a layer whose quantized projections meet NaN or infinite activations).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,13 @@ class _Cache(ctypes.Structure):
         ("slots", _i64),
         ("slot", _i64),
     ]
+
+
+# What the native path keeps between steps, outside the layers and caches themselves (ctypes
+# structures would stop them from being copied or pickled): each layer's C description with the key
+# it was built for, and each cache's C view.
+_descriptions: weakref.WeakKeyDictionary[Any, tuple[list[int], _Layer | None]] = weakref.WeakKeyDictionary()
+_cache_views: weakref.WeakKeyDictionary[Any, _Cache] = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=8)
@@ -194,11 +202,11 @@ def _layer_description(layer: Gemma2DecoderLayer) -> _Layer | None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     key = [id(module) for module in parts] + [t.data_ptr() for t in tensors]
-    cached = getattr(layer, "_native_decode", None)
+    cached = _descriptions.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
     description = _describe(layer, parts)
-    layer._native_decode = (key, description)  # type: ignore[assignment]
+    _descriptions[layer] = (key, description)
     return description
 
 
@@ -228,11 +236,11 @@ def _cache_view(cache: Any, h: torch.Tensor, kv_heads: int, head_dim: int) -> _C
     if keys.shape[0] != B:
         return None  # the op-by-op path raises the error
     positions = None if slot.positions is None else slot.positions.data_ptr()
-    view = getattr(cache, "_native_view", None)
+    view = _cache_views.get(cache)
     # Rebuilt when the cache (re)allocates its buffers; ctypes reads a NULL pointer field as None.
     if view is None or view.keys != keys.data_ptr() or view.positions != positions:
         view = _Cache(keys.data_ptr(), slot.values.data_ptr(), keys.stride(0), keys.stride(1), positions, 0, 0)
-        cache._native_view = view
+        _cache_views[cache] = view
     view.slots, view.slot = slot.slots, slot.slot
     return view
 
