@@ -489,13 +489,6 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
  * Rows with no visible key get zeros (the reference's fully masked rows are padding). */
 INLINE float round_bf16(float value) { return from_bf16(to_bf16(value)); }
 
-INLINE float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t D) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
-    return _mm512_reduce_add_ps(acc);
-}
-
 /* bf16(tanh(x)) for every bf16 x, by its bits: the soft-cap's tanh takes bf16 inputs, and a table
  * is exact and much faster than tanhf per score. Filled once when the library is loaded. */
 static uint16_t tanh_of_bf16[65536 + 2]; /* + 2: room for the 32-bit gathers of gemma2_soft_cap */
@@ -526,6 +519,99 @@ INLINE void weighted_values(const float *probs, const uint16_t *value, const uin
             _mm256_storeu_si256((__m256i *)(out + g * D + d0 + 16 * j), to_bf16x16(acc[g][j]));
 }
 
+/* q . k of each of the G query heads (rows of q, D apart) against every visible key, into
+ * scores[g * S + s]; each key is read once for all G heads. */
+INLINE void raw_scores_of(const uint16_t *q, const uint16_t *key, const uint8_t *seen, float *scores, int64_t S,
+                          int64_t D, const int G) {
+    for (int64_t s = 0; s < S; s++) {
+        if (!seen[s]) continue;
+        __m512 acc[8];
+        for (int g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 32) {
+            __m512bh k = (__m512bh)_mm512_loadu_si512(key + s * D + d);
+            for (int g = 0; g < G; g++)
+                acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(q + g * D + d), k);
+        }
+        for (int g = 0; g < G; g++) scores[g * S + s] = _mm512_reduce_add_ps(acc[g]);
+    }
+}
+
+static void raw_scores(const uint16_t *q, const uint16_t *key, const uint8_t *seen, float *scores, int64_t S,
+                       int64_t D, int64_t G) {
+    switch (G) { /* literal head counts keep the accumulators in registers */
+    case 1: raw_scores_of(q, key, seen, scores, S, D, 1); break;
+    case 2: raw_scores_of(q, key, seen, scores, S, D, 2); break;
+    case 4: raw_scores_of(q, key, seen, scores, S, D, 4); break;
+    default:
+        for (int64_t g0 = 0; g0 < G; g0 += 8)
+            raw_scores_of(q + g0 * D, key, seen, scores + g0 * S, S, D, G - g0 < 8 ? (int)(G - g0) : 8);
+    }
+}
+
+/* bf16 rounding of 16 floats, as float32. */
+INLINE __m512 round_bf16x16(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16x16(v)), 16));
+}
+
+/* e^x for 16 floats to about 1 ulp (Cephes' expf: x = n ln2 + r, a degree-6 polynomial on r),
+ * NaN staying NaN, 0 below the smallest subnormal. */
+INLINE __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.72f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x)); /* NaN passes */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* Lanes s0..s0+15 of the row that are visible (and inside S). */
+INLINE __mmask16 seen_lanes(const uint8_t *seen, int64_t s0, int64_t S) {
+    const __mmask16 inside = S - s0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s0)) - 1);
+    return _mm_mask_cmpneq_epi8_mask(inside, _mm_maskz_loadu_epi8(inside, seen + s0), _mm_setzero_si128());
+}
+
+/* One query head's raw scores [S] -> bf16-rounded probabilities, as eager attention rounds them:
+ * bf16(bf16(score) * scaling), the soft-cap bf16(tanh(bf16(s / cap)) * cap), float32 softmax
+ * over the visible keys, each probability rounded to bf16; 0 for the others. */
+static void softmax_of_scores(float *p, const uint8_t *seen, int64_t S, float scaling, float softcap) {
+    __m512 largest = _mm512_set1_ps(-INFINITY);
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+        const __mmask16 lanes = seen_lanes(seen, s0, S);
+        __m512 v = round_bf16x16(_mm512_mul_ps(round_bf16x16(_mm512_maskz_loadu_ps(lanes, p + s0)),
+                                               _mm512_set1_ps(scaling)));
+        if (softcap > 0) {
+            __m512i index = _mm512_cvtepu16_epi32(to_bf16x16(_mm512_div_ps(v, _mm512_set1_ps(softcap))));
+            __m512i entries = _mm512_i32gather_epi32(index, (const void *)tanh_of_bf16, 2);
+            __m512 tanh = _mm512_castsi512_ps(_mm512_slli_epi32(entries, 16)); /* the low half is the entry */
+            v = round_bf16x16(_mm512_mul_ps(tanh, _mm512_set1_ps(softcap)));
+        }
+        _mm512_mask_storeu_ps(p + s0, lanes, v);
+        largest = _mm512_mask_max_ps(largest, lanes, largest, v);
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(largest));
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+        const __mmask16 lanes = seen_lanes(seen, s0, S);
+        __m512 e = _mm512_maskz_mov_ps(lanes, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, p + s0), top)));
+        _mm512_mask_storeu_ps(p + s0, lanes, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sums));
+    for (int64_t s0 = 0; s0 < S; s0 += 16) {
+        const __mmask16 lanes = seen_lanes(seen, s0, S);
+        const __m512 probability = round_bf16x16(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, p + s0), total));
+        const __mmask16 inside = S - s0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s0)) - 1);
+        _mm512_mask_storeu_ps(p + s0, inside, _mm512_maskz_mov_ps(lanes, probability));
+    }
+}
+
 /* Attention of each row's query heads over the slots it sees (seen [B, S], nonzero where visible). */
 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *seen_rows,
                    uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t batch_stride,
@@ -540,23 +626,8 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         const uint16_t *query_heads = q + (b * H + kv * G) * D; /* the G query heads of this key head */
         const uint8_t *seen = seen_rows + b * S;
         float *probs = scratch + bk * G * S; /* [G, S] */
-        for (int64_t g = 0; g < G; g++) {
-            float *p = probs + g * S, largest = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                if (!seen[s]) continue;
-                float score = round_bf16(round_bf16(dot_bf16(query_heads + g * D, key + s * D, D)) * scaling);
-                if (softcap > 0) score = round_bf16(from_bf16(tanh_of_bf16[to_bf16(score / softcap)]) * softcap);
-                p[s] = score;
-                if (score > largest) largest = score;
-            }
-            float total = 0;
-            for (int64_t s = 0; s < S; s++) {
-                if (!seen[s]) continue;
-                p[s] = expf(p[s] - largest);
-                total += p[s];
-            }
-            for (int64_t s = 0; s < S; s++) p[s] = seen[s] ? round_bf16(p[s] / total) : 0.0f;
-        }
+        raw_scores(query_heads, key, seen, probs, S, D, G);
+        for (int64_t g = 0; g < G; g++) softmax_of_scores(probs + g * S, seen, S, scaling, softcap);
         /* Rows with no visible key: largest stays -inf and every probability 0, so zeros come out. */
         uint16_t *heads_out = out + (b * H + kv * G) * D;
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
