@@ -600,6 +600,8 @@ def test_rotary_leaves_other_layouts_to_pytorch() -> None:
         (2, 4, 4, 37, 32, 50.0, 20),
         (3, 6, 2, 100, 96, None, None),
         (1, 16, 8, 64, 128, 20.0, 30),
+        (1, 8, 2, 5, 64, 30.0, None),  # 4 heads per key head; fewer keys than one vector of scores
+        (2, 12, 1, 300, 64, 50.0, 100),  # 12 heads per key head: scored 8 and then 4 at a time
     ],
 )
 def test_decode_attention_equals_eager_attention(
