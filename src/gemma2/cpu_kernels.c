@@ -491,7 +491,7 @@ INLINE float round_bf16(float value) { return from_bf16(to_bf16(value)); }
 
 /* bf16(tanh(x)) for every bf16 x, by its bits: the soft-cap's tanh takes bf16 inputs, and a table
  * is exact and much faster than tanhf per score. Filled once when the library is loaded. */
-static uint16_t tanh_of_bf16[65536 + 2]; /* + 2: room for the 32-bit gathers of gemma2_soft_cap */
+static uint16_t tanh_of_bf16[65536 + 2]; /* + 2: room for the 32-bit gathers of soft_cap16 */
 
 __attribute__((constructor)) static void fill_tanh_table(void) {
     for (uint32_t bits = 0; bits < 65536; bits++) tanh_of_bf16[bits] = to_bf16(tanhf(from_bf16((uint16_t)bits)));
@@ -571,10 +571,24 @@ INLINE __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+/* Lanes s0..s0+15 that are inside a row of S. */
+INLINE __mmask16 lanes_inside(int64_t s0, int64_t S) {
+    return S - s0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s0)) - 1);
+}
+
 /* Lanes s0..s0+15 of the row that are visible (and inside S). */
 INLINE __mmask16 seen_lanes(const uint8_t *seen, int64_t s0, int64_t S) {
-    const __mmask16 inside = S - s0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s0)) - 1);
+    const __mmask16 inside = lanes_inside(s0, S);
     return _mm_mask_cmpneq_epi8_mask(inside, _mm_maskz_loadu_epi8(inside, seen + s0), _mm_setzero_si128());
+}
+
+/* bf16(tanh(bf16(v / cap)) * cap) of 16 bf16 values (as floats), as the reference's soft-cap rounds
+ * it; tanh from the table, by 32-bit gathers at 2-byte steps (each lane's low half is its entry). */
+INLINE __m512 soft_cap16(__m512 v, float cap) {
+    const __m512i index = _mm512_cvtepu16_epi32(to_bf16x16(_mm512_div_ps(v, _mm512_set1_ps(cap))));
+    const __m512i entries = _mm512_i32gather_epi32(index, (const void *)tanh_of_bf16, 2);
+    const __m512 tanh = _mm512_castsi512_ps(_mm512_slli_epi32(entries, 16));
+    return round_bf16x16(_mm512_mul_ps(tanh, _mm512_set1_ps(cap)));
 }
 
 /* One query head's raw scores [S] -> bf16-rounded probabilities, as eager attention rounds them:
@@ -586,12 +600,7 @@ static void softmax_of_scores(float *p, const uint8_t *seen, int64_t S, float sc
         const __mmask16 lanes = seen_lanes(seen, s0, S);
         __m512 v = round_bf16x16(_mm512_mul_ps(round_bf16x16(_mm512_maskz_loadu_ps(lanes, p + s0)),
                                                _mm512_set1_ps(scaling)));
-        if (softcap > 0) {
-            __m512i index = _mm512_cvtepu16_epi32(to_bf16x16(_mm512_div_ps(v, _mm512_set1_ps(softcap))));
-            __m512i entries = _mm512_i32gather_epi32(index, (const void *)tanh_of_bf16, 2);
-            __m512 tanh = _mm512_castsi512_ps(_mm512_slli_epi32(entries, 16)); /* the low half is the entry */
-            v = round_bf16x16(_mm512_mul_ps(tanh, _mm512_set1_ps(softcap)));
-        }
+        if (softcap > 0) v = soft_cap16(v, softcap);
         _mm512_mask_storeu_ps(p + s0, lanes, v);
         largest = _mm512_mask_max_ps(largest, lanes, largest, v);
     }
@@ -607,8 +616,7 @@ static void softmax_of_scores(float *p, const uint8_t *seen, int64_t S, float sc
     for (int64_t s0 = 0; s0 < S; s0 += 16) {
         const __mmask16 lanes = seen_lanes(seen, s0, S);
         const __m512 probability = round_bf16x16(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, p + s0), total));
-        const __mmask16 inside = S - s0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (S - s0)) - 1);
-        _mm512_mask_storeu_ps(p + s0, inside, _mm512_maskz_mov_ps(lanes, probability));
+        _mm512_mask_storeu_ps(p + s0, lanes_inside(s0, S), _mm512_maskz_mov_ps(lanes, probability));
     }
 }
 
@@ -768,6 +776,11 @@ typedef struct {
     int64_t slot;              /* where the new key and value go */
 } Gemma2DecodeCache;
 
+/* out = bf16(a + b) elementwise, as a bf16 tensor add. */
+static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = to_bf16(from_bf16(a[i]) + from_bf16(b[i]));
+}
+
 static int run_linear(const Gemma2Linear *l, const uint16_t *x, uint16_t *y, int64_t M, int threads) {
     int non_finite = 0;
     if (l->kind == 0)
@@ -777,15 +790,8 @@ static int run_linear(const Gemma2Linear *l, const uint16_t *x, uint16_t *y, int
     else
         non_finite = gemma2_linear_int4(x, l->weight, l->scale, y, M, l->N, l->K, l->group, threads);
     if (!non_finite && l->bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < l->N; n++)
-                y[m * l->N + n] = to_bf16(from_bf16(y[m * l->N + n]) + from_bf16(l->bias[n]));
+        for (int64_t m = 0; m < M; m++) add_bf16(y + m * l->N, l->bias, y + m * l->N, l->N);
     return non_finite;
-}
-
-/* out = bf16(a + b) elementwise, as a bf16 tensor add. */
-static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = to_bf16(from_bf16(a[i]) + from_bf16(b[i]));
 }
 
 static int decode_layer(const Gemma2DecodeLayer *L, const Gemma2DecodeStep *step, const Gemma2DecodeCache *cache,
@@ -845,20 +851,12 @@ done:
 /* out = bf16(tanh(bf16(x / cap)) * cap) for n bf16 values: tanh(x / cap) * cap as bf16 tensor ops
  * round it. tanh comes from the table (exact for every bf16 input). */
 void gemma2_soft_cap(const uint16_t *x, uint16_t *out, int64_t n, float cap, int threads) {
-    const __m512 divisor = _mm512_set1_ps(cap);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t start = 0; start < n; start += 4096) {
         const int64_t stop = start + 4096 < n ? start + 4096 : n;
         int64_t i = start;
-        for (; i + 16 <= stop; i += 16) {
-            __m256i scaled = to_bf16x16(_mm512_div_ps(load_bf16x16(x + i), divisor));
-            /* 32-bit gathers at 2-byte steps: each lane's low half is its table entry. */
-            __m512i index = _mm512_cvtepu16_epi32(scaled);
-            __m512i entries = _mm512_i32gather_epi32(index, (const void *)tanh_of_bf16, 2);
-            __m256i tanh16 = _mm512_cvtepi32_epi16(entries);
-            __m512 capped = _mm512_mul_ps(_mm512_cvtpbh_ps((__m256bh)tanh16), divisor);
-            _mm256_storeu_si256((__m256i *)(out + i), to_bf16x16(capped));
-        }
+        for (; i + 16 <= stop; i += 16)
+            _mm256_storeu_si256((__m256i *)(out + i), to_bf16x16(soft_cap16(load_bf16x16(x + i), cap)));
         for (; i < stop; i++) out[i] = to_bf16(from_bf16(tanh_of_bf16[to_bf16(from_bf16(x[i]) / cap)]) * cap);
     }
 }
