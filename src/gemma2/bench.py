@@ -351,25 +351,23 @@ class Gemma2Runner(Runner):
     def prefill(self, ids: torch.Tensor) -> None:
         self.model(ids, logits_to_keep=1)
 
-    def generation_stamps(
-        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
-    ) -> list[float]:
+    def _greedy_steps(self, ids: torch.Tensor, new_tokens: int) -> Iterator[torch.Tensor]:
         from gemma2.generation import generate_steps
 
         # eos_token_id=[]: no stop tokens, so exactly new_tokens steps.
+        return generate_steps(self.model, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+
+    def generation_stamps(
+        self, ids: torch.Tensor, new_tokens: int, after_token: Callable[[int], None] = lambda i: None
+    ) -> list[float]:
         stamps: list[float] = []
-        for _ in generate_steps(self.model, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[]):
+        for _ in self._greedy_steps(ids, new_tokens):
             stamps.append(time.perf_counter())
             after_token(len(stamps) - 1)
         return stamps
 
     def context_slowdown(self, short: torch.Tensor, long: torch.Tensor, new_tokens: int) -> float:
-        from gemma2.generation import generate_steps
-
-        decodes = [
-            generate_steps(self.model, ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-            for ids in (short, long)
-        ]
+        decodes = [self._greedy_steps(ids, new_tokens) for ids in (short, long)]
         seconds: list[list[float]] = [[], []]
         for decode in decodes:
             next(decode)  # the prompt

@@ -115,11 +115,15 @@ def available() -> bool:
     return _library() is not None
 
 
+def row_count(x: torch.Tensor) -> int:
+    """Rows of x seen as [rows, x.shape[-1]] (0 for an empty last dimension)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) may run natively: a small bf16 batch on the CPU, no autograd."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (
-        0 < rows <= MAX_ROWS
+        0 < row_count(x) <= MAX_ROWS
         and x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and x.shape[-1] % 32 == 0
@@ -199,7 +203,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group_size: int) 
     return out
 
 
-def _small_op_applies(*tensors: torch.Tensor) -> bool:
+def small_op_applies(*tensors: torch.Tensor) -> bool:
     """Whether tensors are bf16 CPU tensors of a decode step (no autograd) and the library is loaded."""
     return (
         all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
@@ -218,7 +222,7 @@ def decode_attention_applies(query: torch.Tensor, key: torch.Tensor, value: torc
         and key.stride() == value.stride()
         and key.stride(3) == 1
         and key.stride(2) == D
-        and _small_op_applies(query, key, value)
+        and small_op_applies(query, key, value)
     )
 
 
@@ -285,8 +289,7 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether rms_norm can take this call: a few bf16 rows (decode), a contiguous bf16 weight."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 0 < rows <= SMALL_OP_ROWS and weight.is_contiguous() and _small_op_applies(x, weight)
+    return 0 < row_count(x) <= SMALL_OP_ROWS and weight.is_contiguous() and small_op_applies(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -312,7 +315,7 @@ def rotary_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> boo
         and cos.shape[1:] == (1, D)
         and cos.is_contiguous()
         and sin.is_contiguous()
-        and _small_op_applies(x, cos, sin)
+        and small_op_applies(x, cos, sin)
     )
 
 
@@ -331,9 +334,9 @@ def logits_op_applies(logits: torch.Tensor) -> bool:
     """Whether soft_cap / argmax can take these logits: a decode step's few bf16 rows, contiguous."""
     return (
         logits.dim() >= 1
-        and 0 < logits.numel() // max(logits.shape[-1], 1) <= SMALL_OP_ROWS
+        and 0 < row_count(logits) <= SMALL_OP_ROWS
         and logits.is_contiguous()
-        and _small_op_applies(logits)
+        and small_op_applies(logits)
     )
 
 
@@ -351,8 +354,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     library = _library()
     assert library is not None
     out = torch.empty(logits.shape[:-1], dtype=torch.int64)
-    rows = logits.numel() // logits.shape[-1]
-    library.gemma2_argmax_bf16(logits.data_ptr(), rows, logits.shape[-1], out.data_ptr())
+    library.gemma2_argmax_bf16(logits.data_ptr(), row_count(logits), logits.shape[-1], out.data_ptr())
     return out
 
 

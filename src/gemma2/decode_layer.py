@@ -210,24 +210,6 @@ def _layer_description(layer: Gemma2DecoderLayer) -> _Layer | None:
     return description
 
 
-def _step(inputs: AttentionInputs, B: int, head_dim: int) -> _Step:
-    """What every layer of this decode step shares (built by the first layer, kept in inputs)."""
-    step = inputs.native.get("step")
-    if step is None:
-        cos, padding = inputs.cos, inputs.padding
-        if padding is not None:
-            padding = inputs.native["padding"] = padding.to(torch.uint8).contiguous()
-        step = inputs.native["step"] = _Step(
-            cos.data_ptr(),
-            inputs.sin.data_ptr(),
-            head_dim if cos.shape[0] == B and B > 1 else 0,
-            None if padding is None else padding.data_ptr(),
-            0 if padding is None or padding.shape[0] == 1 else padding.shape[1],
-            inputs.start,
-        )
-    return step
-
-
 def _cache_view(cache: Any, h: torch.Tensor, kv_heads: int, head_dim: int) -> _Cache | None:
     """The C view of the layer cache's buffers with this step's slot; None if the batch differs."""
     B = h.shape[0]
@@ -254,18 +236,15 @@ def decode_layers(
     the new token; the caller runs the rest op by op.
     """
     B, T, _ = h.shape
+    cos, sin = inputs.cos, inputs.sin
     if (
         T != 1
         or not 0 < B <= cpu_kernels.MAX_ROWS
         or inputs.segments is not None
-        or h.dtype != torch.bfloat16
-        or h.device.type != "cpu"
-        or (torch.is_grad_enabled() and h.requires_grad)
-        or not cpu_kernels.available()
+        or not cpu_kernels.small_op_applies(h, cos, sin)
+        or cos.shape[0] not in (1, B)
+        or not (cos.is_contiguous() and sin.is_contiguous())
     ):
-        return h, 0
-    cos, sin = inputs.cos, inputs.sin
-    if cos.dtype != torch.bfloat16 or cos.shape[0] not in (1, B) or not (cos.is_contiguous() and sin.is_contiguous()):
         return h, 0
     descriptions: list[_Layer] = []
     views: list[_Cache] = []
@@ -285,6 +264,15 @@ def decode_layers(
     if not descriptions:
         return h, 0
     count = len(descriptions)
+    padding = None if inputs.padding is None else inputs.padding.to(torch.uint8).contiguous()
+    step = _Step(
+        cos.data_ptr(),
+        sin.data_ptr(),
+        descriptions[0].head_dim if cos.shape[0] == B and B > 1 else 0,
+        None if padding is None else padding.data_ptr(),
+        0 if padding is None or padding.shape[0] == 1 else padding.shape[1],
+        int(inputs.query_positions[0]),
+    )
     h = h.contiguous()
     out = torch.empty_like(h)
     library = cpu_kernels._library()
@@ -293,7 +281,7 @@ def decode_layers(
         count,
         (ctypes.c_void_p * count)(*(ctypes.addressof(d) for d in descriptions)),
         (ctypes.c_void_p * count)(*(ctypes.addressof(v) for v in views)),
-        ctypes.byref(_step(inputs, B, descriptions[0].head_dim)),
+        ctypes.byref(step),
         h.data_ptr(),
         out.data_ptr(),
         B,

@@ -8,8 +8,7 @@ heads, D head_dim, d hidden_size, F intermediate_size, V vocab_size, W sliding w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +92,6 @@ class AttentionInputs:
     query_positions: torch.Tensor  # [T] cache slots of the new tokens
     padding: torch.Tensor | None  # [B, slots] bool, True for real tokens (attention_mask)
     segments: torch.Tensor | None  # [B, T] packed-document index, when position_ids restart
-    start: int = 0  # slot of the first new token (tokens already in the cache)
-    native: dict[str, Any] = field(default_factory=dict)  # what the native decode layer derives once per forward
 
     def mask(self, key_positions: torch.Tensor, window: int | None) -> MaskSpec:
         key_padding = None
@@ -246,7 +243,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if attention_mask is not None:
             padding = self._check_attention_mask(attention_mask, B, start + T).to(device)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        inputs = AttentionInputs(cos, sin, query_positions, padding, segments, start)
+        inputs = AttentionInputs(cos, sin, query_positions, padding, segments)
 
         h = inputs_embeds
         first = 0
