@@ -48,9 +48,9 @@ print(json.dumps({"seconds": seconds, "rss_after_load_gb": after_load, "peak_rss
 
 
 def write_random_checkpoint(directory: Path, preset: str, layers: int | None) -> int:
-    """Random bf16 weights of the preset's shape (see gemma2.bench); returns their bytes."""
-    from gemma2.bench import bench_config
-    from gemma2.bench import write_random_checkpoint as write
+    """Random bf16 weights of the preset's shape (see bench_setup); returns their bytes."""
+    from bench_setup import bench_config
+    from bench_setup import write_random_checkpoint as write
 
     return write(directory, bench_config(preset, None, layers))
 

@@ -238,10 +238,28 @@ def _tokenizer_if_present(directory: Path) -> Any:
     return Gemma2Tokenizer.from_pretrained(directory)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from gemma2 import bench
+def _benchmarks_dir() -> Path:
+    """The checkout's benchmarks/ directory (it is not part of the package, nor of a wheel)."""
+    import gemma2
 
-    return bench.run(args)
+    return Path(gemma2.__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    directory = _benchmarks_dir()
+    if not (directory / "cpu_speed.py").is_file():
+        print(
+            f"gemma2 bench: error: needs the source checkout (no {directory / 'cpu_speed.py'}); "
+            "run it from a git clone of gemma2",
+            file=sys.stderr,
+        )
+        return 2
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))  # the benchmark's modules import each other by name
+    cpu_speed = importlib.import_module("cpu_speed")
+    return int(cpu_speed.main(args.args))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -556,14 +574,16 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--force", action="store_true", help="replace a non-empty --out")
     quantize.set_defaults(run=cmd_quantize)
 
-    from gemma2 import bench
-
+    # benchmarks/cpu_speed.py in the checkout parses the arguments (and --help) itself: everything
+    # after "bench" is passed on. No prefix characters (NUL never occurs in argv), so that argparse
+    # reads "--layers" as one of those arguments, not as an unknown option of this parser.
     bench_parser = sub.add_parser(
         "bench",
-        help="CPU speed: gemma2 bf16 / int8 / int4 against transformers on random weights",
-        description=(bench.__doc__ or "").split("\n\n")[0],
+        help="CPU speed: gemma2 bf16 / int8 / int4 against transformers on random weights (source checkout)",
+        add_help=False,
+        prefix_chars="\0",
     )
-    bench.add_arguments(bench_parser)
+    bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     bench_parser.set_defaults(run=cmd_bench)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
