@@ -7,7 +7,6 @@ import torch
 from conftest import hf_model, randomize_, tiny_config
 
 from gemma2 import Gemma2Cache, Gemma2ForCausalLM
-from gemma2.cache import FullAttentionCache, SlidingWindowCache
 
 TOL = 2e-5
 
@@ -96,13 +95,14 @@ def test_sliding_layers_keep_only_the_window() -> None:
     ids = torch.randint(1, model.config.vocab_size, (1, length))
     with torch.no_grad():
         _, cache = run_in_chunks(model, ids, [10] + [1] * (length - 10))
-    sliding, full = cache.layers
-    assert isinstance(sliding, SlidingWindowCache) and isinstance(full, FullAttentionCache)
-    assert sliding.keys is not None and sliding.keys.shape[2] == window
-    assert sorted(sliding.slot_positions.tolist()) == list(range(length - window, length))
-    assert full.length == length
+    assert cache.sliding == [True, False]
+    sliding_keys, full_keys = cache.keys
+    assert sliding_keys is not None and sliding_keys.shape[2] == window
+    assert cache.ring_positions is not None
+    assert sorted(cache.ring_positions[0].tolist()) == list(range(length - window, length))
+    assert cache.row_length(0) == length and full_keys is not None and full_keys.shape[2] >= length
     D, K = model.config.head_dim, model.config.num_key_value_heads
-    assert sliding.memory_bytes() == 2 * K * window * D * 4
+    assert sliding_keys.numel() * sliding_keys.element_size() == K * window * D * 4
 
 
 def test_preallocated_full_cache_does_not_grow() -> None:
@@ -111,12 +111,11 @@ def test_preallocated_full_cache_does_not_grow() -> None:
     ids = torch.randint(1, model.config.vocab_size, (1, 20))
     with torch.no_grad():
         model(ids[:, :8], past_key_values=cache)
-        full = cache.layers[1]
-        assert isinstance(full, FullAttentionCache) and full.keys is not None
-        buffer = full.keys
+        buffer = cache.keys[1]
+        assert buffer is not None
         for t in range(8, 20):
             model(ids[:, t : t + 1], past_key_values=cache)
-    assert full.keys is buffer and buffer.shape[2] == 20
+    assert cache.keys[1] is buffer and buffer.shape[2] == 20
 
 
 def test_cache_rejects_a_different_batch_size() -> None:

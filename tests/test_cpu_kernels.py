@@ -613,20 +613,21 @@ def test_decode_attention_equals_eager_attention(
     q = (torch.randn(B, H, 1, D, generator=g) * 3).bfloat16()
     keys = (torch.randn(B, K, S, D, generator=g) * 3).bfloat16()
     values = torch.randn(B, K, S, D, generator=g).bfloat16()
-    # Slots of a ring buffer: positions out of order, a few never written (-1), the query's own last.
-    query_position = S + 40
-    key_positions = torch.randperm(S, generator=g) + 41
-    key_positions[torch.rand(S, generator=g) < 0.1] = -1
-    key_positions[0] = query_position
+    # Slots of a ring buffer, each row at its own position: positions out of order, a few never
+    # written (-1), the query's own last.
+    query_positions = torch.tensor([S + 40 + 7 * b for b in range(B)])
+    key_positions = torch.stack([torch.randperm(S, generator=g) + 41 + 7 * b for b in range(B)])
+    key_positions[torch.rand(B, S, generator=g) < 0.1] = -1
+    key_positions[:, 0] = query_positions
     padding = torch.rand(B, S, generator=g) > 0.3
     padding[:, 0] = True
     if B > 1:
         padding[1] = False  # a row that sees nothing (all padding): zeros, as documented
-    mask = MaskSpec(torch.tensor([query_position]), key_positions, window=window, key_padding=padding)
+    mask = MaskSpec(query_positions[:, None], key_positions, window=window, key_padding=padding)
     with torch.no_grad():
         assert cpu_kernels.decode_attention_applies(q, keys, values)
         got = cpu_kernels.decode_attention(
-            q, keys, values, key_positions, query_position, window, padding, 0.0625, softcap
+            q, keys, values, key_positions, query_positions, window, padding, 0.0625, softcap
         )
         want = eager_attention(q, keys, values, mask, 0.0625, softcap)
     assert got.shape == want.shape == (B, 1, H, D)
@@ -639,7 +640,7 @@ def test_decode_attention_equals_eager_attention(
     # A window narrower than the keys changes the result: the kernel applies it.
     if window is not None:
         wide = cpu_kernels.decode_attention(
-            q, keys, values, key_positions, query_position, None, padding, 0.0625, softcap
+            q, keys, values, key_positions, query_positions, None, padding, 0.0625, softcap
         )
         assert not torch.equal(wide[sees].float(), got)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import hf_model, tiny_config
 
+import gemma2.engine as engine_module
 import gemma2.generation as gen
 from gemma2 import Gemma2Cache, Gemma2Config, Gemma2ForCausalLM, IncrementalDecoder, InputError
-from gemma2.cache import FullAttentionCache, SlidingWindowCache, cache_memory_bytes
+from gemma2.cache import cache_memory_bytes
 
 
 def pair(seed: int = 0, std: float = 0.1, **overrides: Any) -> tuple[Any, Gemma2ForCausalLM]:
@@ -161,29 +162,28 @@ def test_a_prompt_longer_than_the_context_is_refused() -> None:
 def test_the_cache_is_allocated_once_and_logits_are_last_position_only(monkeypatch: pytest.MonkeyPatch) -> None:
     _, ours = pair(sliding_window=4, num_hidden_layers=2)
     caches: list[Gemma2Cache] = []
-    original = gen.Gemma2Cache
+    original = engine_module.Gemma2Cache
 
-    def spy(config: Gemma2Config, max_length: int | None = None) -> Gemma2Cache:
-        caches.append(original(config, max_length=max_length))
+    def spy(config: Gemma2Config, max_length: int | None = None, max_batch: int | None = None) -> Gemma2Cache:
+        caches.append(original(config, max_length=max_length, max_batch=max_batch))
         return caches[-1]
 
-    monkeypatch.setattr(gen, "Gemma2Cache", spy)
+    monkeypatch.setattr(engine_module, "Gemma2Cache", spy)
     head_rows: list[int] = []
     ours.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[1]))
     buffers: list[tuple[int, int]] = []
 
     def record(*_: Any) -> None:
-        sliding, full = caches[0].layers
-        assert isinstance(sliding, SlidingWindowCache) and isinstance(full, FullAttentionCache)
-        buffers.append((id(full.keys), id(sliding.keys)))
+        sliding, full = caches[0].keys
+        buffers.append((id(full), id(sliding)))
 
     ours.model.layers[-1].register_forward_hook(record)
     ids = torch.randint(2, 97, (2, 10))
     ours.generate(ids, max_new_tokens=7, eos_token_id=[])
     assert len(caches) == 1
-    sliding, full = caches[0].layers
-    assert full.keys is not None and full.keys.shape[2] == 17  # prompt + max_new_tokens
-    assert sliding.keys is not None and sliding.keys.shape[2] == 4  # the window
+    sliding, full = caches[0].keys
+    assert full is not None and full.shape[2] == 17  # prompt + max_new_tokens
+    assert sliding is not None and sliding.shape[2] == 4  # the window
     assert len(set(buffers)) == 1  # the same buffers at every step: nothing reallocated
     assert head_rows == [1] * 7  # the LM head only ever sees one position per row
 
@@ -197,8 +197,9 @@ def test_cache_memory_of_the_2b_model_at_8192_tokens() -> None:
     assert ours == 13 * 8192 * per_layer + 13 * 4096 * per_layer  # 624 MiB: 25 % less
     cache = Gemma2Cache(config.replace(num_hidden_layers=2, layer_types=None), max_length=8192)
     k = torch.zeros(1, 4, 1, 256, dtype=torch.bfloat16)
-    for layer in cache.layers:
-        layer.update(k, k)
+    step = cache.begin(1, 1, k.device)
+    for layer in range(len(cache)):
+        cache.update(layer, k, k, step)
     assert cache.memory_bytes() == 8192 * per_layer + 4096 * per_layer
 
 

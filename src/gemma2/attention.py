@@ -17,7 +17,7 @@ per layer in float32). Each block's rows are computed exactly as in the one-shot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,39 +30,56 @@ DEFAULT_SCORE_BUDGET_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class MaskSpec:
-    """Which keys each query may attend to, built lazily one block of queries at a time.
+    """Which keys each query may attend to, one row at a time: positions per row, built lazily per block of queries.
 
-    Positions are cache slots (0, 1, 2, ... over everything the model has seen), not position_ids:
+    Positions are cache slots (0, 1, 2, ... over everything a row has seen), not position_ids:
     that is the reference's convention, and it keeps left-padded rows' windows aligned with slots.
+    Rows of one batch may sit at different positions (continuous batching); a leading dimension
+    of 1 is shared by every row.
     """
 
-    query_positions: torch.Tensor  # [T] slot of each query
-    key_positions: torch.Tensor  # [S] slot of each key; -1 marks an empty cache slot
+    query_positions: torch.Tensor  # [B or 1, T] slot of each query
+    key_positions: torch.Tensor  # [B or 1, S] slot of each key; -1 marks an empty cache slot
     window: int | None = None  # sliding layers: a query at q sees keys k with q - W < k <= q
     key_padding: torch.Tensor | None = None  # [B, S] bool, False for padding keys
     query_segments: torch.Tensor | None = None  # [B, T] packed-document index of each query
     key_segments: torch.Tensor | None = None  # [B, S]
+    _whole: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # One row of positions ([T], [S]) is shared by every row of the batch.
+        if self.query_positions.dim() == 1:
+            self.query_positions = self.query_positions[None]
+        if self.key_positions.dim() == 1:
+            self.key_positions = self.key_positions[None]
 
     def allowed(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Boolean mask [B or 1, 1, t, S] for queries start:stop."""
-        q = self.query_positions[start:stop, None]  # [t, 1]
-        k = self.key_positions[None, :]  # [1, S]
+        q = self.query_positions[:, start:stop, None]  # [B, t, 1]
+        k = self.key_positions[:, None, :]  # [B, 1, S]
         allowed = (k <= q) & (k >= 0)
         if self.window is not None:
             allowed = allowed & (k > q - self.window)
-        allowed = allowed[None, None]  # [1, 1, t, S]
         if self.key_padding is not None:
-            allowed = allowed & self.key_padding[:, None, None, :]
+            allowed = allowed & self.key_padding[:, None, :]
         if self.query_segments is not None and self.key_segments is not None:
-            same = self.query_segments[:, start:stop, None] == self.key_segments[:, None, :]
-            allowed = allowed & same[:, None]
-        return allowed
+            allowed = allowed & (self.query_segments[:, start:stop, None] == self.key_segments[:, None, :])
+        return allowed[:, None]  # [B, 1, t, S]
 
     def additive(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The mask as the reference adds it to scores: 0 where allowed, finfo(dtype).min elsewhere."""
+        """The mask as the reference adds it to scores: 0 where allowed, finfo(dtype).min elsewhere.
+
+        The whole mask is built once and kept: every layer of a kind shares one MaskSpec per forward.
+        """
+        whole = start == 0 and (stop is None or stop >= self.query_positions.shape[1])
+        if whole and dtype in self._whole:
+            return self._whole[dtype]
         allowed = self.allowed(start, stop)
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
-        return torch.where(allowed, zero, torch.finfo(dtype).min)
+        mask = torch.where(allowed, zero, torch.finfo(dtype).min)
+        if whole:
+            self._whole[dtype] = mask
+        return mask
 
 
 def eager_attention(
@@ -115,9 +132,16 @@ def attention(
     B, H, T, _ = query.shape
     if dropout == 0.0 and mask.query_segments is None and cpu_kernels.decode_attention_applies(query, key, value):
         # One new token: a native kernel reads the cache once (same roundings and mask as below).
-        query_position = int(mask.query_positions[0])
         return cpu_kernels.decode_attention(
-            query, key, value, mask.key_positions, query_position, mask.window, mask.key_padding, scaling, softcap
+            query,
+            key,
+            value,
+            mask.key_positions,
+            mask.query_positions[:, 0],
+            mask.window,
+            mask.key_padding,
+            scaling,
+            softcap,
         )
     S = key.shape[2]
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.

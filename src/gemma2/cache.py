@@ -1,22 +1,31 @@
-"""Key/value caches: an object passed into the model's forward and returned, never module state.
+"""Key/value caches with a length per row: an object passed into the model's forward, never module state.
 
-Gemma 2 alternates two kinds of layers, and each gets the cache it needs:
+A `Gemma2Cache` is a pool of rows (`max_batch`), each holding one sequence at its own length, so
+requests of different lengths share one batch, and a finished request's row is given back
+(`free_row`) and taken by the next one (`allocate_row`) while its neighbours keep decoding.
 
-- FullAttentionCache keeps every past key in one buffer, preallocated when the caller knows the
-  final length (generation) and grown by doubling otherwise.
-- SlidingWindowCache keeps a ring buffer of W slots. A decode step writes its key into the slot
-  of the key that just left the window, then attends over the ring: exactly the last W keys
-  (including itself), never W + 1 (a known off-by-one elsewhere). A chunk of several tokens
-  attends over ring + chunk before writing, because the chunk's own writes would overwrite keys
-  its earlier queries still need.
+Gemma 2 alternates two kinds of layers, and each gets the buffers it needs:
 
-Each update returns the keys, values and the slot of every key; the attention mask is built from
-those slots, so the mask follows the cache rather than being guessed by the model.
+- Full-attention layers keep every past key: buffers [rows, K, capacity, D], preallocated to the
+  caller's capacity (prompt + new tokens) and grown by doubling only when none was given. Slot s
+  of a row holds its position s.
+- Sliding-window layers keep a ring of W slots per row: a decode step writes its key into the slot
+  of the key that just left the window, then attends over the ring, exactly the last W keys
+  (including itself), never W + 1 (a known off-by-one elsewhere). Each row has its own slot
+  positions (-1 for a slot never written), so one row can wrap while its neighbour has not. A
+  chunk of several tokens attends over ring + chunk before writing, because the chunk's own writes
+  would overwrite keys its earlier queries still need. When the caller's capacity is below W the
+  ring is that long instead, and grows to W if a row outgrows it (no slot has wrapped by then).
+
+All layers of a kind share one set of slot positions, so the model computes them (and the masks)
+once per forward: `begin` says where a forward's tokens go, each layer's `update` writes there,
+and `commit` records the new lengths. Writes are index operations at per-row positions: no
+`torch.cat` of the cache per step, and no shape that changes from step to step once the capacity
+is known.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,170 +35,248 @@ from gemma2.errors import InputError
 
 
 @dataclass
-class DecodeSlot:
-    """Where one decode step's key and value go, and which slots it attends over."""
+class CacheStep:
+    """Where one forward's T new tokens per row go, and which slots they attend over."""
 
-    keys: torch.Tensor  # [B, K, capacity, D], the cache's own buffers
-    values: torch.Tensor
-    positions: torch.Tensor | None  # [capacity] position of each slot (-1 empty); None: slot s holds position s
-    slots: int  # attend over slots 0 .. slots - 1 (the new one included)
-    slot: int  # the new token's slot
+    rows: torch.Tensor  # [B] the cache row of each batch row
+    row_range: tuple[int, int] | None  # (first, stop) when rows are consecutive: buffers[first:stop] is a view
+    starts: torch.Tensor  # [B] each row's length before this forward
+    query_positions: torch.Tensor  # [B, T]
+    full_slots: int  # full layers attend over slots 0 .. full_slots - 1
+    full_key_positions: torch.Tensor  # [B, full_slots], -1 past a row's new length
+    sliding_key_positions: torch.Tensor | None  # [B, ring] (T == 1) or [B, ring + T]; None without sliding layers
+    ring_slots: torch.Tensor | None  # [B, kept] ring slots the last `kept` new tokens are written to
+    kept: int  # how many of the T new tokens stay in the ring (min(T, ring))
 
-
-class FullAttentionCache:
-    """Every past key and value of one full-attention layer: buffers [B, K, capacity, D]."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = capacity
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.length = 0
-
-    def _reserve(self, like: torch.Tensor, needed: int) -> None:
-        B, K, _, D = like.shape
-        if self.keys is None or self.values is None:
-            size = max(needed, self.capacity or 0)
-            self.keys = like.new_empty(B, K, size, D)
-            self.values = like.new_empty(B, K, size, D)
-        elif needed > self.keys.shape[2]:
-            size = max(needed, 2 * self.keys.shape[2])
-            grown_k, grown_v = like.new_empty(B, K, size, D), like.new_empty(B, K, size, D)
-            grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
-            grown_v[:, :, : self.length] = self.values[:, :, : self.length]
-            self.keys, self.values = grown_k, grown_v
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append key/value [B, K, C, D]; return all keys, values [B, K, S, D] and their slots [S]."""
-        _check_batch(self.keys, key)
-        start, stop = self.length, self.length + key.shape[2]
-        self._reserve(key, stop)
-        assert self.keys is not None and self.values is not None
-        self.keys[:, :, start:stop] = key
-        self.values[:, :, start:stop] = value
-        self.length = stop
-        positions = torch.arange(stop, device=key.device)
-        return self.keys[:, :, :stop], self.values[:, :, :stop], positions
-
-    def decode_slot(self, like: Callable[[], torch.Tensor]) -> DecodeSlot:
-        """Room for one more token, to be filled by a native decode layer.
-
-        like() gives a [B, K, 1, D] tensor to allocate from (called only when the buffers must
-        be allocated or grow). Nothing is recorded until `commit_decode`, so a caller that falls
-        back to `update` can.
-        """
-        if self.keys is None or self.length + 1 > self.keys.shape[2]:
-            self._reserve(like(), self.length + 1)
-        assert self.keys is not None and self.values is not None
-        return DecodeSlot(self.keys, self.values, None, self.length + 1, self.length)
-
-    def commit_decode(self) -> None:
-        self.length += 1
-
-    def memory_bytes(self) -> int:
-        return _nbytes(self.keys) + _nbytes(self.values)
-
-
-class SlidingWindowCache:
-    """The last W keys and values of one sliding-window layer, in a ring buffer of W slots.
-
-    When the caller knows the sequence stays shorter than W (`capacity`), the ring is that long
-    instead; it grows to W if the sequence outgrows it (no slot has wrapped by then).
-    """
-
-    def __init__(self, window: int, capacity: int | None = None) -> None:
-        self.window = window
-        self.capacity = min(window, capacity) if capacity else window
-        self.keys: torch.Tensor | None = None  # [B, K, slots, D]
-        self.values: torch.Tensor | None = None
-        self.slot_positions: torch.Tensor | None = None  # [slots]; -1 for a slot not yet written
-        self.length = 0
-
-    def _reserve(self, like: torch.Tensor, needed: int) -> None:
-        B, K, _, D = like.shape
-        if self.keys is None or self.values is None or self.slot_positions is None:
-            self.keys = like.new_zeros(B, K, self.capacity, D)
-            self.values = like.new_zeros(B, K, self.capacity, D)
-            self.slot_positions = torch.full((self.capacity,), -1, dtype=torch.long, device=like.device)
-        if needed > self.capacity and self.capacity < self.window:
-            # Outgrew a short ring before any slot wrapped: slots equal positions, so just extend.
-            extra = self.window - self.capacity
-            self.keys = torch.cat([self.keys, like.new_zeros(B, K, extra, D)], dim=2)
-            self.values = torch.cat([self.values, like.new_zeros(B, K, extra, D)], dim=2)
-            self.slot_positions = torch.cat([self.slot_positions, self.slot_positions.new_full((extra,), -1)])
-            self.capacity = self.window
-
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add key/value [B, K, C, D]; return the keys, values and slots this chunk may attend to."""
-        _check_batch(self.keys, key)
-        C = key.shape[2]
-        start = self.length
-        self._reserve(key, start + C)
-        assert self.keys is not None and self.values is not None and self.slot_positions is not None
-        ring = self.capacity
-        new_positions = torch.arange(start, start + C, device=key.device)
-        if C == 1:
-            slot = start % ring
-            self.keys[:, :, slot] = key[:, :, 0]
-            self.values[:, :, slot] = value[:, :, 0]
-            self.slot_positions[slot] = start
-            self.length += 1
-            return self.keys, self.values, self.slot_positions
-        keys = torch.cat([self.keys, key], dim=2)
-        values = torch.cat([self.values, value], dim=2)
-        positions = torch.cat([self.slot_positions, new_positions])
-        kept = min(C, ring)  # only the chunk's last W keys can be seen by later queries
-        slots = new_positions[-kept:] % ring
-        self.keys[:, :, slots] = key[:, :, -kept:]
-        self.values[:, :, slots] = value[:, :, -kept:]
-        self.slot_positions[slots] = new_positions[-kept:]
-        self.length += C
-        return keys, values, positions
-
-    def decode_slot(self, like: Callable[[], torch.Tensor]) -> DecodeSlot:
-        """As FullAttentionCache.decode_slot: the ring slot of the key that leaves the window."""
-        if self.keys is None or self.length + 1 > self.capacity:
-            self._reserve(like(), self.length + 1)
-        assert self.keys is not None and self.values is not None and self.slot_positions is not None
-        return DecodeSlot(self.keys, self.values, self.slot_positions, self.capacity, self.length % self.capacity)
-
-    def commit_decode(self) -> None:
-        assert self.slot_positions is not None
-        self.slot_positions[self.length % self.capacity] = self.length
-        self.length += 1
-
-    def memory_bytes(self) -> int:
-        return _nbytes(self.keys) + _nbytes(self.values)
-
-
-LayerCache = FullAttentionCache | SlidingWindowCache
+    @property
+    def length(self) -> int:
+        return self.query_positions.shape[1]
 
 
 class Gemma2Cache:
-    """Per-layer caches for a whole model, plus the number of slots seen so far.
+    """Per-layer key/value buffers for a pool of rows, each row at its own length.
 
-    Pass `max_length` (prompt + new tokens) to allocate full-layer buffers once; without it they
-    grow as needed. Sliding layers never hold more than `sliding_window` slots.
+    `max_length` (prompt + new tokens) sizes the full-layer buffers once; without it they grow as
+    needed. `max_batch` fixes the number of rows; without it the first forward's batch sets it.
     """
 
-    def __init__(self, config: Gemma2Config, max_length: int | None = None) -> None:
-        self.layers: list[LayerCache] = []
-        for i in range(config.num_hidden_layers):
-            if config.is_sliding(i):
-                assert config.sliding_window is not None
-                self.layers.append(SlidingWindowCache(config.sliding_window, capacity=max_length))
-            else:
-                self.layers.append(FullAttentionCache(max_length))
-        self.seq_length = 0
+    def __init__(self, config: Gemma2Config, max_length: int | None = None, max_batch: int | None = None) -> None:
+        if max_length is not None and max_length < 1:
+            raise InputError(f"max_length must be >= 1, got {max_length}")
+        if max_batch is not None and max_batch < 1:
+            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.sliding = [config.is_sliding(i) and config.sliding_window is not None for i in range(self.num_layers)]
+        self.window = config.sliding_window if any(self.sliding) else None
+        self.capacity = max_length
+        # The ring of the sliding layers: W slots, or fewer when no sequence will be that long.
+        self.ring = 0 if self.window is None else min(self.window, max_length or self.window)
+        self.max_batch = max_batch
+        self.keys: list[torch.Tensor | None] = [None] * self.num_layers  # [rows, K, slots, D]
+        self.values: list[torch.Tensor | None] = [None] * self.num_layers
+        self.lengths: torch.Tensor | None = None  # [rows]
+        self.ring_positions: torch.Tensor | None = None  # [rows, ring], -1 for a slot not yet written
+        self.free: list[int] = []
+        self.full_slots = 0  # slots the full-layer buffers hold
+        if max_batch is not None:
+            self._create_rows(max_batch, torch.device("cpu"))
+
+    # ---- rows ------------------------------------------------------------------------------
+
+    def _create_rows(self, rows: int, device: torch.device) -> None:
+        self.max_batch = rows
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.ring_positions = torch.full((rows, self.ring), -1, dtype=torch.long, device=device)
+        self.free = list(range(rows))
+
+    @property
+    def rows(self) -> int:
+        return self.max_batch or 0
+
+    def allocate_row(self) -> int:
+        """Take a free row (the lowest, so running rows stay packed) and return its index."""
+        if self.max_batch is None:
+            raise InputError("allocate_row needs a cache made with max_batch")
+        if not self.free:
+            raise InputError(f"all {self.max_batch} cache rows are in use")
+        self.free.sort()
+        return self.free.pop(0)
+
+    def free_row(self, row: int) -> None:
+        """Give a row back: its length becomes 0 and its slots are wiped, so no old key is ever seen."""
+        if not 0 <= row < self.rows or row in self.free:
+            raise InputError(f"cache row {row} is not in use")
+        self.reset_row(row)
+        self.free.append(row)
+
+    def reset_row(self, row: int) -> None:
+        """Empty one row (its keys zeroed, its slots unwritten) without giving it back."""
+        assert self.lengths is not None and self.ring_positions is not None
+        self.lengths[row] = 0
+        self.ring_positions[row] = -1
+        # Zeros, not stale keys: the op-by-op path multiplies masked slots by 0, and 0 * NaN is NaN.
+        for buffers in (self.keys, self.values):
+            for tensor in buffers:
+                if tensor is not None:
+                    tensor[row].zero_()
+
+    def row_length(self, row: int) -> int:
+        return 0 if self.lengths is None else int(self.lengths[row])
 
     def get_seq_length(self) -> int:
-        """Slots (tokens, padding included) already in the cache."""
-        return self.seq_length
+        """Slots (tokens, padding included) already in the cache: the longest row's."""
+        return 0 if self.lengths is None else int(self.lengths.max())
+
+    # ---- one forward ---------------------------------------------------------------------------
+
+    def begin(self, batch: int, length: int, device: torch.device, rows: torch.Tensor | None = None) -> CacheStep:
+        """Plan a forward of `length` new tokens for `batch` rows (cache rows `rows`, default 0..batch-1)."""
+        if self.lengths is None:
+            self._create_rows(batch, device)
+        assert self.lengths is not None and self.ring_positions is not None
+        if self.lengths.device != device:
+            self.lengths, self.ring_positions = self.lengths.to(device), self.ring_positions.to(device)
+        if rows is None:
+            if batch != self.rows:
+                raise InputError(f"batch size {batch} does not match the cache's batch size {self.rows}")
+            rows = torch.arange(batch, device=device)
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+            if rows.numel() != batch:
+                raise InputError(f"cache_rows has {rows.numel()} entries for a batch of {batch}")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.rows):
+                raise InputError(f"cache_rows must be in [0, {self.rows}), got {rows.tolist()}")
+        first = int(rows[0]) if batch else 0
+        consecutive = bool((rows == torch.arange(first, first + batch, device=device)).all())
+        starts = self.lengths[rows]
+        stops = starts + length
+        longest = int(stops.max())
+        query_positions = starts[:, None] + torch.arange(length, device=device)  # [B, T]
+
+        self._reserve_full(longest)
+        slots = torch.arange(longest, device=device)
+        full_key_positions = torch.where(slots[None] < stops[:, None], slots[None], -1)  # [B, S]
+
+        sliding_key_positions = ring_slots = None
+        kept = 0
+        if self.window is not None:
+            self._reserve_ring(longest)
+            ring = self.ring
+            kept = min(length, ring)
+            ring_slots = query_positions[:, length - kept :] % ring  # [B, kept]
+            before = self.ring_positions[rows]  # [B, ring]
+            if length == 1:
+                sliding_key_positions = before.scatter(1, ring_slots, query_positions)
+            else:
+                sliding_key_positions = torch.cat([before, query_positions], dim=1)
+        return CacheStep(
+            rows=rows,
+            row_range=(first, first + batch) if consecutive else None,
+            starts=starts,
+            query_positions=query_positions,
+            full_slots=longest,
+            full_key_positions=full_key_positions,
+            sliding_key_positions=sliding_key_positions,
+            ring_slots=ring_slots,
+            kept=kept,
+        )
+
+    def _reserve_full(self, needed: int) -> None:
+        """Make the full-layer buffers hold `needed` slots (the caller's capacity, else doubling)."""
+        if needed <= self.full_slots:
+            return
+        size = max(needed, self.capacity or 0) if self.full_slots == 0 else max(needed, 2 * self.full_slots)
+        for i in range(self.num_layers):
+            if not self.sliding[i]:
+                self.keys[i] = _grown(self.keys[i], size)
+                self.values[i] = _grown(self.values[i], size)
+        self.full_slots = size
+
+    def _reserve_ring(self, needed: int) -> None:
+        """Grow a short ring to W when a row outgrows it (no row has wrapped yet: slots are positions)."""
+        assert self.window is not None and self.ring_positions is not None
+        if needed <= self.ring or self.ring >= self.window:
+            return
+        extra = self.window - self.ring
+        self.ring_positions = torch.cat([self.ring_positions, self.ring_positions.new_full((self.rows, extra), -1)], 1)
+        for i in range(self.num_layers):
+            if self.sliding[i]:
+                self.keys[i] = _grown(self.keys[i], self.window)
+                self.values[i] = _grown(self.values[i], self.window)
+        self.ring = self.window
+
+    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's key and value buffers [rows, K, slots, D], allocated (zeros) on first use like `like`."""
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
+            slots = self.ring if self.sliding[layer] else self.full_slots
+            shape = (self.rows, self.kv_heads, slots, self.head_dim)
+            keys = self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            values = self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return keys, values
+
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, step: CacheStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value [B, K, T, D] of this forward; return the keys and values [B, K, S, D] to attend over.
+
+        S and the key positions are the step's: full layers `full_key_positions`, sliding layers
+        `sliding_key_positions`.
+        """
+        keys, values = self.buffers(layer, key)
+        T = key.shape[2]
+        rows = step.rows[:, None]  # [B, 1]
+        if not self.sliding[layer]:
+            slots = step.query_positions  # [B, T]: a full layer's slot is the position
+            # keys[rows, :, slots] has shape [B, T, K, D] (the indexed dimensions come first).
+            keys[rows, :, slots] = key.transpose(1, 2)
+            values[rows, :, slots] = value.transpose(1, 2)
+            return _rows_of(keys, step)[:, :, : step.full_slots], _rows_of(values, step)[:, :, : step.full_slots]
+        assert step.ring_slots is not None
+        if T == 1:
+            keys[rows, :, step.ring_slots] = key.transpose(1, 2)
+            values[rows, :, step.ring_slots] = value.transpose(1, 2)
+            return _rows_of(keys, step), _rows_of(values, step)
+        attended_keys = torch.cat([_rows_of(keys, step), key], dim=2)
+        attended_values = torch.cat([_rows_of(values, step), value], dim=2)
+        # Only the chunk's last W keys can be seen by later queries.
+        keys[rows, :, step.ring_slots] = key[:, :, T - step.kept :].transpose(1, 2)
+        values[rows, :, step.ring_slots] = value[:, :, T - step.kept :].transpose(1, 2)
+        return attended_keys, attended_values
+
+    def commit(self, step: CacheStep) -> None:
+        """Record a forward's tokens: the rows' new lengths and the positions of the ring slots written."""
+        assert self.lengths is not None and self.ring_positions is not None
+        self.lengths[step.rows] = step.starts + step.length
+        if step.ring_slots is not None:
+            kept_positions = step.query_positions[:, step.length - step.kept :]
+            self.ring_positions[step.rows[:, None], step.ring_slots] = kept_positions
+
+    # ---- sizes -------------------------------------------------------------------------------
 
     def memory_bytes(self) -> int:
-        return sum(layer.memory_bytes() for layer in self.layers)
+        return sum(_nbytes(t) for t in (*self.keys, *self.values))
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return self.num_layers
+
+
+def _rows_of(buffer: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """The step's rows of a buffer: a view when they are consecutive, else a gathered copy."""
+    if step.row_range is not None:
+        first, stop = step.row_range
+        return buffer[first:stop]
+    return buffer.index_select(0, step.rows)
+
+
+def _grown(buffer: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """buffer [rows, K, s, D] extended with zero slots to `slots` (None stays None: allocated on use)."""
+    if buffer is None or buffer.shape[2] >= slots:
+        return buffer
+    grown = buffer.new_zeros(*buffer.shape[:2], slots, buffer.shape[3])
+    grown[:, :, : buffer.shape[2]] = buffer
+    return grown
 
 
 def cache_memory_bytes(config: Gemma2Config, length: int, bytes_per_value: int = 2, batch: int = 1) -> int:
@@ -200,11 +287,6 @@ def cache_memory_bytes(config: Gemma2Config, length: int, bytes_per_value: int =
         slots = min(length, config.sliding_window or length) if config.is_sliding(i) else length
         total += slots * per_token
     return total
-
-
-def _check_batch(existing: torch.Tensor | None, key: torch.Tensor) -> None:
-    if existing is not None and existing.shape[0] != key.shape[0]:
-        raise InputError(f"batch size {key.shape[0]} does not match the cache's batch size {existing.shape[0]}")
 
 
 def _nbytes(tensor: torch.Tensor | None) -> int:

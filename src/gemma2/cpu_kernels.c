@@ -481,11 +481,13 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
  * the reference's roundings: scores are bf16 (the bf16 matmul's output), scaled, divided by the cap,
  * tanh'd and multiplied back each in bf16; softmax in float32 over the visible keys; probabilities
  * rounded to bf16 before the float32-accumulated weighted sum of values.
- *   q [B, H, D], keys/values [B, K, S, D] with element strides (batch, head) given, slots dense;
- *   out [B, H, D]. Query head h reads key/value head h / (H / K).
- * Which keys the query at slot `query` sees, as attention.MaskSpec: slot positions [S] (-1 for an
- * empty slot) up to `query`, within `window` of it when window > 0, and where padding (uint8
- * [B or 1, S] at padding_stride per row, or NULL) is nonzero.
+ *   q [B, H, D], keys/values [rows, K, S, D] with element strides (row, head) given, slots dense;
+ *   batch row b reads cache row rows[b] (rows NULL: row b); out [B, H, D]. Query head h reads
+ *   key/value head h / (H / K).
+ * Which keys row b's query at position query[b] sees, as attention.MaskSpec: slot positions
+ * [B, S] at positions_stride per row (-1 for an empty slot) up to query[b], within `window` of it
+ * when window > 0, and where padding (uint8 [B or 1, S] at padding_stride per row, or NULL) is
+ * nonzero.
  * Rows with no visible key get zeros (the reference's fully masked rows are padding). */
 INLINE float round_bf16(float value) { return from_bf16(to_bf16(value)); }
 
@@ -621,16 +623,16 @@ static void softmax_of_scores(float *p, const uint8_t *seen, int64_t S, float sc
 }
 
 /* Attention of each row's query heads over the slots it sees (seen [B, S], nonzero where visible). */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint8_t *seen_rows,
-                   uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D, int64_t batch_stride,
-                   int64_t head_stride, float scaling, float softcap, int threads) {
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *rows,
+                   const uint8_t *seen_rows, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
+                   int64_t batch_stride, int64_t head_stride, float scaling, float softcap, int threads) {
     const int64_t G = H / K;
     float *scratch = alloc64(sizeof(float) * (size_t)(B * K * G * S));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t bk = 0; bk < B * K; bk++) {
-        const int64_t b = bk / K, kv = bk % K;
-        const uint16_t *key = keys + b * batch_stride + kv * head_stride;
-        const uint16_t *value = values + b * batch_stride + kv * head_stride;
+        const int64_t b = bk / K, kv = bk % K, row = rows ? rows[b] : b;
+        const uint16_t *key = keys + row * batch_stride + kv * head_stride;
+        const uint16_t *value = values + row * batch_stride + kv * head_stride;
         const uint16_t *query_heads = q + (b * H + kv * G) * D; /* the G query heads of this key head */
         const uint8_t *seen = seen_rows + b * S;
         float *probs = scratch + bk * G * S; /* [G, S] */
@@ -660,22 +662,23 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     free(scratch);
 }
 
-/* Whether the query at slot `query` sees a key at slot position p (-1: an empty slot). */
+/* Whether the query at position `query` sees a key at slot position p (-1: an empty slot). */
 INLINE int visible(int64_t p, int64_t query, int64_t window) {
     return p >= 0 && p <= query && (window <= 0 || p > query - window);
 }
 
 /* Padding here is per slot: uint8 [B or 1, S] at padding_stride per row, or NULL. */
-void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values,
-                             const int64_t *positions, const uint8_t *padding, int64_t padding_stride, int64_t query,
-                             int64_t window, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
-                             int64_t batch_stride, int64_t head_stride, float scaling, float softcap, int threads) {
+void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *rows,
+                             const int64_t *positions, int64_t positions_stride, const uint8_t *padding,
+                             int64_t padding_stride, const int64_t *query, int64_t window, uint16_t *out, int64_t B,
+                             int64_t H, int64_t K, int64_t S, int64_t D, int64_t batch_stride, int64_t head_stride,
+                             float scaling, float softcap, int threads) {
     uint8_t *seen = malloc((size_t)(B * S));
     for (int64_t b = 0; b < B; b++)
         for (int64_t s = 0; s < S; s++)
-            seen[b * S + s] =
-                visible(positions[s], query, window) && (padding == NULL || padding[b * padding_stride + s]);
-    attend(q, keys, values, seen, out, B, H, K, S, D, batch_stride, head_stride, scaling, softcap, threads);
+            seen[b * S + s] = visible(positions[b * positions_stride + s], query[b], window) &&
+                              (padding == NULL || padding[b * padding_stride + s]);
+    attend(q, keys, values, rows, seen, out, B, H, K, S, D, batch_stride, head_stride, scaling, softcap, threads);
     free(seen);
 }
 
@@ -765,15 +768,18 @@ typedef struct {
     int64_t cos_stride;        /* D, or 0 when every row shares them */
     const uint8_t *padding;    /* [B or 1, positions] by key position (nonzero: a real token), or NULL */
     int64_t padding_stride;
-    int64_t query;             /* the new token's position */
+    const int64_t *query;      /* [B] each row's new token's position */
 } Gemma2DecodeStep;
 
 typedef struct {
-    uint16_t *keys, *values;   /* [B, kv_heads, slots, D] at these element strides */
+    uint16_t *keys, *values;   /* [rows, kv_heads, slots, D] at these element strides */
     int64_t batch_stride, head_stride;
-    const int64_t *positions;  /* [slots] position of each slot (-1 empty), or NULL: slot s holds position s */
+    const int64_t *rows;       /* [B] the cache row of each batch row, or NULL: row b */
+    const int64_t *positions;  /* [rows, positions_stride] position of each slot (-1 empty) by cache row,
+                                  or NULL: slot s holds position s */
+    int64_t positions_stride;
     int64_t slots;             /* slots to attend over */
-    int64_t slot;              /* where the new key and value go */
+    const int64_t *slot;       /* [B] where each row's new key and value go */
 } Gemma2DecodeCache;
 
 /* out = bf16(a + b) elementwise, as a bf16 tensor add. */
@@ -814,18 +820,22 @@ static int decode_layer(const Gemma2DecodeLayer *L, const Gemma2DecodeStep *step
     gemma2_rotary(k, k_rot, step->cos, step->sin, B, L->kv_heads, D, step->cos_stride);
     for (int64_t b = 0; b < B; b++)
         for (int64_t kv = 0; kv < L->kv_heads; kv++) {
-            const int64_t at = b * cache->batch_stride + kv * cache->head_stride + cache->slot * D;
+            const int64_t row = cache->rows ? cache->rows[b] : b;
+            const int64_t at = row * cache->batch_stride + kv * cache->head_stride + cache->slot[b] * D;
             memcpy(cache->keys + at, k_rot + (b * L->kv_heads + kv) * D, sizeof(uint16_t) * (size_t)D);
             memcpy(cache->values + at, v + (b * L->kv_heads + kv) * D, sizeof(uint16_t) * (size_t)D);
         }
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t row = cache->rows ? cache->rows[b] : b, query = step->query[b];
+        const int64_t *positions = cache->positions ? cache->positions + row * cache->positions_stride : NULL;
         for (int64_t s = 0; s < S; s++) {
-            const int64_t p = s == cache->slot ? step->query : cache->positions ? cache->positions[s] : s;
-            seen[b * S + s] = visible(p, step->query, L->window) &&
+            const int64_t p = s == cache->slot[b] ? query : positions ? positions[s] : s;
+            seen[b * S + s] = visible(p, query, L->window) &&
                               (step->padding == NULL || step->padding[b * step->padding_stride + p]);
         }
-    attend(q_rot, cache->keys, cache->values, seen, att, B, L->heads, L->kv_heads, S, D, cache->batch_stride,
-           cache->head_stride, L->scaling, L->softcap, threads);
+    }
+    attend(q_rot, cache->keys, cache->values, cache->rows, seen, att, B, L->heads, L->kv_heads, S, D,
+           cache->batch_stride, cache->head_stride, L->scaling, L->softcap, threads);
     if ((failed = run_linear(&L->o, att, o, B, threads))) goto done;
     gemma2_rms_norm(o, L->post_attention_norm, normed, B, d, L->eps);
     add_bf16(h, normed, h1, B * d);

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,26 +33,55 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in cpu_kernels.c
+SCALAR_SOURCE = Path(__file__).with_name("cpu_kernels_scalar.c")
+MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in cpu_kernels.c and cpu_kernels_scalar.c
 SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
 FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
+SCALAR_FLAGS = ["-O2", "-fopenmp", "-shared", "-fPIC"]
+# Which variant _library() loads: "auto" (the default) is avx512 where the CPU has it and PyTorch's
+# kernels elsewhere, since the scalar variant is a portable correctness reference, not a fast path.
+# GEMMA2_NATIVE_KERNELS=0 (the older switch) means "off" too.
+VARIANT_ENV = "GEMMA2_CPU_KERNELS"
+VARIANT_CHOICES = ("auto", "avx512", "scalar", "off")
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-def _cpu_supports_kernels() -> bool:
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: the same entry points (and ABI) from another C source."""
+
+    source: Path
+    flags: tuple[str, ...]
+    cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo names it needs on x86-64 Linux; () runs anywhere
+    optional_flags: tuple[str, ...] = ()  # dropped on a second try when the compiler rejects them
+
+
+VARIANTS = {
+    "avx512": Variant(SOURCE, tuple(FLAGS), CPU_FEATURES),
+    # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
+    "scalar": Variant(SCALAR_SOURCE, tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
+}
+
+_loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
+
+
+def _cpu_supports_kernels(features: tuple[str, ...] = CPU_FEATURES) -> bool:
+    if not features:
+        return True
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return all(f" {feature}" in flags for feature in CPU_FEATURES)
+    return all(f" {feature}" in flags for feature in features)
 
 
-def _build(directory: Path) -> Path:
-    """Compile cpu_kernels.c into directory (atomically: a half-written library never appears)."""
+def _build(directory: Path, name: str = "avx512") -> Path:
+    """Compile variant `name` into directory (atomically: a half-written library never appears)."""
+    variant = VARIANTS[name]
     library = directory / "libgemma2_cpu.so"
     if library.exists():
         return library
@@ -61,27 +91,26 @@ def _build(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         partial = Path(scratch) / library.name
-        result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
+        attempts = [variant.flags]
+        if variant.optional_flags:
+            attempts.append(tuple(flag for flag in variant.flags if flag not in variant.optional_flags))
+        for flags in attempts:
+            result = subprocess.run(
+                [compiler, *flags, str(variant.source), "-o", str(partial), "-lm"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                break
+        else:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(partial, library)
     return library
 
 
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("GEMMA2_NATIVE_KERNELS", "1") == "0" or not _cpu_supports_kernels():
-        return None
-    from gemma2.assets import cache_dir
-
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    try:
-        library = ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest)))
-    except OSError as error:
-        logger.warning("gemma2: native CPU kernels unavailable, using PyTorch's (%s)", error)
-        return None
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the argument and result types of every entry point (the same for every variant)."""
     library.gemma2_linear_int8.restype = library.gemma2_linear_int4.restype = ctypes.c_int
     library.gemma2_linear_bf16.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_linear_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
@@ -93,7 +122,11 @@ def _library() -> ctypes.CDLL | None:
     library.gemma2_dequantize_int4.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
     library.gemma2_decode_attention.argtypes = [
         *(_c_ptr,) * 5,
-        *(_c_int64,) * 3,
+        _c_int64,
+        _c_ptr,
+        _c_int64,
+        _c_ptr,
+        _c_int64,
         _c_ptr,
         *(_c_int64,) * 7,
         ctypes.c_float,
@@ -110,8 +143,62 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def load_variant(name: str) -> ctypes.CDLL:
+    """Build (once, into the cache) and load variant `name` of the kernels, whatever GEMMA2_CPU_KERNELS says.
+
+    Raises ValueError for an unknown name and OSError where it cannot be built or loaded, or where
+    this CPU lacks the instructions it needs. Loading one variant does not change which one
+    _library() uses, so tests can call two side by side.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown CPU kernel variant {name!r}: expected one of {', '.join(VARIANTS)}")
+    if name in _loaded:
+        return _loaded[name]
+    variant = VARIANTS[name]
+    if not _cpu_supports_kernels(variant.cpu_features):
+        raise OSError(f"the {name} kernels need x86-64 Linux with {', '.join(variant.cpu_features)}")
+    from gemma2.assets import cache_dir
+
+    # The variant, its source and its flags all go into the key: each build gets its own directory.
+    key = name.encode() + b"\0" + variant.source.read_bytes() + " ".join(variant.flags).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    library = _declare(ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest, name))))
+    _loaded[name] = library
+    return library
+
+
+def _requested_variant() -> str:
+    """GEMMA2_CPU_KERNELS (auto, avx512, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
+    raw = os.environ.get(VARIANT_ENV, "auto")
+    value = raw.strip().lower() or "auto"
+    if value not in VARIANT_CHOICES:
+        raise ValueError(f"{VARIANT_ENV}={raw!r} is not one of {', '.join(VARIANT_CHOICES)}")
+    return "off" if os.environ.get("GEMMA2_NATIVE_KERNELS", "1") == "0" else value
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """The kernels GEMMA2_CPU_KERNELS selects, or None for PyTorch's own (a failed build warns)."""
+    name = _requested_variant()
+    if name == "auto":
+        name = "avx512" if _cpu_supports_kernels(VARIANTS["avx512"].cpu_features) else "off"
+    if name == "off":
+        return None
+    try:
+        return load_variant(name)
+    except OSError as error:
+        logger.warning("gemma2: native CPU kernels unavailable, using PyTorch's (%s)", error)
+        return None
+
+
+def variant() -> str | None:
+    """Which variant _library() loaded ("avx512" or "scalar"), or None when it uses PyTorch's kernels."""
+    library = _library()
+    return next((name for name, loaded in _loaded.items() if loaded is library), None)
+
+
 def available() -> bool:
-    """Whether the native kernels are compiled, loaded and usable on this CPU."""
+    """Whether native kernels (of the selected variant) are compiled, loaded and usable on this CPU."""
     return _library() is not None
 
 
@@ -231,7 +318,7 @@ def decode_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     key_positions: torch.Tensor,
-    query_position: int,
+    query_positions: torch.Tensor,
     window: int | None,
     key_padding: torch.Tensor | None,
     scaling: float,
@@ -239,15 +326,17 @@ def decode_attention(
 ) -> torch.Tensor:
     """Eager attention of one query per row (see cpu_kernels.c); [B, H, 1, D] -> [B, 1, H, D].
 
-    The query at slot query_position sees the keys whose slot (key_positions [S], -1 for an empty
-    one) is at most query_position, within `window` of it, and True in key_padding [B or 1, S].
+    Row b's query at position query_positions[b] sees the keys whose slot position
+    (key_positions [B or 1, S], -1 for an empty one) is at most its own, within `window` of it, and
+    True in key_padding [B or 1, S].
     """
     library = _library()
     assert library is not None
     B, H, _, D = query.shape
     K, S = key.shape[1], key.shape[2]
     query = query.reshape(B, H, D).contiguous()
-    positions = key_positions.to(torch.int64).contiguous()
+    positions = key_positions.to(torch.int64).expand(B, S).contiguous()
+    queries = query_positions.to(torch.int64).reshape(-1).expand(B).contiguous()
     padding = None if key_padding is None else key_padding.to(torch.uint8).contiguous()
     padding_stride = 0 if padding is None or padding.shape[0] == 1 else S
     out = torch.empty(B, 1, H, D, dtype=torch.bfloat16)
@@ -255,10 +344,12 @@ def decode_attention(
         query.data_ptr(),
         key.data_ptr(),
         value.data_ptr(),
+        None,
         positions.data_ptr(),
+        S,
         None if padding is None else padding.data_ptr(),
         padding_stride,
-        query_position,
+        queries.data_ptr(),
         window or 0,
         out.data_ptr(),
         B,

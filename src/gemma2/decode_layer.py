@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +26,12 @@ import torch
 import torch.nn.modules.module as torch_modules
 
 from gemma2 import cpu_kernels
-from gemma2.cache import FullAttentionCache, SlidingWindowCache
+from gemma2.cache import Gemma2Cache
 from gemma2.cpu_kernels import Linear
 from gemma2.quantization import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
+    from gemma2.cache import CacheStep
     from gemma2.model import AttentionInputs, Gemma2DecoderLayer
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -71,7 +72,7 @@ class _Step(ctypes.Structure):
         ("cos_stride", _i64),
         ("padding", _ptr),
         ("padding_stride", _i64),
-        ("query", _i64),
+        ("query", _ptr),
     ]
 
 
@@ -81,17 +82,19 @@ class _Cache(ctypes.Structure):
         ("values", _ptr),
         ("batch_stride", _i64),
         ("head_stride", _i64),
+        ("rows", _ptr),
         ("positions", _ptr),
+        ("positions_stride", _i64),
         ("slots", _i64),
-        ("slot", _i64),
+        ("slot", _ptr),
     ]
 
 
 # What the native path keeps between steps, outside the layers and caches themselves (ctypes
 # structures would stop them from being copied or pickled): each layer's C description with the key
-# it was built for, and each cache's C view.
+# it was built for, and each cache's C views of its layers.
 _descriptions: weakref.WeakKeyDictionary[Any, tuple[list[int], _Layer | None]] = weakref.WeakKeyDictionary()
-_cache_views: weakref.WeakKeyDictionary[Any, _Cache] = weakref.WeakKeyDictionary()
+_cache_views: weakref.WeakKeyDictionary[Any, dict[int, _Cache]] = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=8)
@@ -210,68 +213,82 @@ def _layer_description(layer: Gemma2DecoderLayer) -> _Layer | None:
     return description
 
 
-def _cache_view(cache: Any, h: torch.Tensor, kv_heads: int, head_dim: int) -> _Cache | None:
-    """The C view of the layer cache's buffers with this step's slot; None if the batch differs."""
-    B = h.shape[0]
-    slot = cache.decode_slot(lambda: h.new_empty(B, kv_heads, 1, head_dim))
-    keys = slot.keys
-    if keys.shape[0] != B:
-        return None  # the op-by-op path raises the error
-    positions = None if slot.positions is None else slot.positions.data_ptr()
-    view = _cache_views.get(cache)
-    # Rebuilt when the cache (re)allocates its buffers; ctypes reads a NULL pointer field as None.
-    if view is None or view.keys != keys.data_ptr() or view.positions != positions:
-        view = _Cache(keys.data_ptr(), slot.values.data_ptr(), keys.stride(0), keys.stride(1), positions, 0, 0)
-        _cache_views[cache] = view
-    view.slots, view.slot = slot.slots, slot.slot
+class _StepArrays:
+    """The per-row int64 arrays one decode step hands to C (kept alive for the call)."""
+
+    def __init__(self, cache: Gemma2Cache, step: CacheStep) -> None:
+        self.rows = step.rows.to(torch.int64).contiguous()
+        self.queries = step.query_positions[:, 0].contiguous()
+        self.ring_slots = None if step.ring_slots is None else step.ring_slots[:, 0].contiguous()
+        self.ring_positions = cache.ring_positions
+
+
+def _cache_view(cache: Gemma2Cache, layer: int, like: torch.Tensor, step: CacheStep, arrays: _StepArrays) -> _Cache:
+    """The C view of one layer's buffers for this step (rebuilt when the buffers are reallocated)."""
+    keys, values = cache.buffers(layer, like)
+    views = _cache_views.setdefault(cache, {})
+    view = views.get(layer)
+    if view is None or view.keys != keys.data_ptr():
+        view = _Cache(keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), None, None, 0, 0, None)
+        views[layer] = view
+    view.rows = arrays.rows.data_ptr()
+    if cache.sliding[layer]:
+        assert arrays.ring_slots is not None and arrays.ring_positions is not None
+        view.positions = arrays.ring_positions.data_ptr()
+        view.positions_stride = arrays.ring_positions.shape[1]
+        view.slots = cache.ring
+        view.slot = arrays.ring_slots.data_ptr()
+    else:
+        view.positions = None
+        view.slots = step.full_slots
+        view.slot = arrays.queries.data_ptr()  # a full layer's slot is the position
     return view
 
 
 def decode_layers(
-    layers: Iterable[Any], h: torch.Tensor, inputs: AttentionInputs, caches: Sequence[Any]
+    layers: Iterable[Any], h: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache
 ) -> tuple[torch.Tensor, int]:
     """Run the longest leading run of layers the native call can take, for h [B, 1, d].
 
-    Returns the hidden states after them and how many ran (0: h unchanged). Their caches hold
-    the new token; the caller runs the rest op by op.
+    Each row sits at its own position (inputs.step). Returns the hidden states after them and how
+    many ran (0: h unchanged). Their cache buffers hold the new token (the model commits the step
+    after all layers); the caller runs the rest op by op.
     """
     B, T, _ = h.shape
-    cos, sin = inputs.cos, inputs.sin
+    cos, sin, step = inputs.cos, inputs.sin, inputs.step
     if (
         T != 1
+        or step is None
         or not 0 < B <= cpu_kernels.MAX_ROWS
-        or inputs.segments is not None
+        or inputs.full_mask.query_segments is not None
         or not cpu_kernels.small_op_applies(h, cos, sin)
         or cos.shape[0] not in (1, B)
         or not (cos.is_contiguous() and sin.is_contiguous())
+        or not isinstance(cache, Gemma2Cache)
     ):
         return h, 0
+    arrays = _StepArrays(cache, step)
     descriptions: list[_Layer] = []
     views: list[_Cache] = []
-    for layer, cache in zip(layers, caches, strict=True):
-        if not isinstance(cache, (FullAttentionCache, SlidingWindowCache)):
-            break
+    for index, layer in enumerate(layers):
         if layer.training and layer.self_attn.dropout > 0:
             break
         description = _layer_description(layer)
         if description is None:
             break
-        view = _cache_view(cache, h, description.kv_heads, description.head_dim)
-        if view is None:
-            break
         descriptions.append(description)
-        views.append(view)
+        views.append(_cache_view(cache, index, h, step, arrays))
     if not descriptions:
         return h, 0
     count = len(descriptions)
     padding = None if inputs.padding is None else inputs.padding.to(torch.uint8).contiguous()
-    step = _Step(
+    c_step = _Step(
         cos.data_ptr(),
         sin.data_ptr(),
         descriptions[0].head_dim if cos.shape[0] == B and B > 1 else 0,
         None if padding is None else padding.data_ptr(),
         0 if padding is None or padding.shape[0] == 1 else padding.shape[1],
-        int(inputs.query_positions[0]),
+        arrays.queries.data_ptr(),
     )
     h = h.contiguous()
     out = torch.empty_like(h)
@@ -281,12 +298,10 @@ def decode_layers(
         count,
         (ctypes.c_void_p * count)(*(ctypes.addressof(d) for d in descriptions)),
         (ctypes.c_void_p * count)(*(ctypes.addressof(v) for v in views)),
-        ctypes.byref(step),
+        ctypes.byref(c_step),
         h.data_ptr(),
         out.data_ptr(),
         B,
         torch.get_num_threads(),
     )
-    for cache in caches[:done]:
-        cache.commit_decode()
     return (out if done else h), done

@@ -1,10 +1,11 @@
-"""Text generation: prefill, then one token at a time from a cache allocated once per call.
+"""Text generation as thin wrappers over the engine: generate(), stream(), the incremental detokenizer.
 
-- The cache is sized once: full-attention layers to prompt + max_new_tokens, sliding layers a
-  ring buffer of the window (or shorter when the whole sequence is shorter).
+- Each prompt row becomes one engine request at its own cache row, its padding stripped: a padded
+  row produces the tokens of the same prompt alone (the reference's left-padding rule, without
+  computing the padding).
+- The cache is sized once: full-attention layers to the longest prompt + max_new_tokens, sliding
+  layers a ring buffer of the window (or shorter when every sequence is shorter).
 - Only the last position's logits are computed (never [T, V] for the prompt).
-- Left padding works as in the reference: position ids count real tokens only, so a padded row
-  produces the same tokens as the same prompt alone.
 - Rows that finish (a stop token) are padded with pad_token_id until every row is done.
 
 No I/O here: `stream` yields text for the caller to print.
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gemma2.cache import Gemma2Cache
+from gemma2.engine import Engine, checkpoint_stop_ids
 from gemma2.errors import InputError
-from gemma2.sampling import SamplingSettings, next_tokens
+from gemma2.sampling import SamplingParams, SamplingSettings
 
 if TYPE_CHECKING:
     from gemma2.heads import Gemma2ForCausalLM
@@ -43,9 +44,7 @@ def read_generation_config(directory: Path) -> dict[str, Any]:
 def stop_token_ids(model: Gemma2ForCausalLM, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
     """Explicit ids, else generation_config.json's eos_token_id, else the config's."""
     if eos_token_id is None:
-        eos_token_id = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-    if eos_token_id is None:
-        return []
+        return checkpoint_stop_ids(model)
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
@@ -63,8 +62,12 @@ def generate_steps(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
+    prefill_chunk: int = 512,
 ) -> Iterator[torch.Tensor]:
-    """Yield each step's new tokens [B] (finished rows get pad_token_id); arguments as `generate`."""
+    """Yield each step's new tokens [B] (finished rows get pad_token_id); arguments as `generate`.
+
+    With a seed, row b samples from its own generator seeded with seed + b.
+    """
     config = model.config
     settings = SamplingSettings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     # Every check happens before any model work.
@@ -79,14 +82,12 @@ def generate_steps(
         raise InputError(
             f"the prompt has {T} tokens, more than max_position_embeddings ({config.max_position_embeddings})"
         )
-    max_new_tokens = min(max_new_tokens, config.max_position_embeddings - T)
     stops = stop_token_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = model.generation_config.get("pad_token_id", config.pad_token_id)
     if pad_token_id is None:
         pad_token_id = stops[0] if stops else 0
-    device = model.device
-    input_ids = input_ids.to(device)
+    input_ids = input_ids.cpu()
     if attention_mask is None:
         # As the reference does: pad tokens in the prompt are padding, unless pad doubles as a stop token.
         if pad_token_id not in stops and bool((input_ids == pad_token_id).any()):
@@ -97,44 +98,46 @@ def generate_steps(
         raise InputError(
             f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, got {list(attention_mask.shape)}"
         )
-    attention_mask = attention_mask.to(device).long()
-    if bool((attention_mask.sum(-1) == 0).any()):
+    real = attention_mask.cpu().bool()
+    if bool((real.sum(-1) == 0).any()):
         raise InputError("a row of the prompt is all padding (its attention_mask is all zeros)")
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    prompts = [input_ids[b][real[b]].tolist() for b in range(B)]
+    longest = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, config.max_position_embeddings - longest)
+    if max_new_tokens < 1:
+        return
 
-    padded = not bool(attention_mask.all())
-    total = T + max_new_tokens
-    cache = Gemma2Cache(config, max_length=total)
-    mask = torch.zeros(B, total, dtype=torch.long, device=device)
-    mask[:, :T] = attention_mask
-    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    next_position = positions[:, -1:] + 1  # [B, 1]
-    seen = input_ids
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-
-    with torch.no_grad():
-        logits = model(
-            input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
-        ).logits[:, -1]
-        for step in range(max_new_tokens):
-            tokens = next_tokens(logits, seen, settings, generator)
-            tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-            yield tokens
-            finished |= torch.isin(tokens, stop_ids)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+    engine = Engine(model, max_batch=B, max_length=longest + max_new_tokens, prefill_chunk=prefill_chunk)
+    for b, prompt in enumerate(prompts):
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=None if seed is None else seed + b,
+            stop_token_ids=stops,
+            ignore_eos=True,  # exactly `stops`, the checkpoint's stop tokens included when eos_token_id is None
+        )
+        engine.add(prompt, params, request_id=b)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    finished = [False] * B
+    emitted = 0
+    while emitted < max_new_tokens:
+        for event in engine.step():
+            row = int(event.request_id)  # type: ignore[call-overload]
+            if event.token_id is not None:
+                tokens[row].append(event.token_id)
+            finished[row] = finished[row] or event.finished
+        # Step t of the batch is out once every row has its t-th token (or is done).
+        while emitted < max_new_tokens and all(len(tokens[b]) > emitted or finished[b] for b in range(B)):
+            yield torch.tensor([tokens[b][emitted] if len(tokens[b]) > emitted else pad_token_id for b in range(B)])
+            emitted += 1
+            if all(finished[b] and len(tokens[b]) <= emitted for b in range(B)):
                 return
-            seen = torch.cat([seen, tokens[:, None]], dim=1)
-            mask[:, T + step] = 1
-            logits = model(
-                tokens[:, None],
-                # Without padding every slot is real: no mask to gather in every layer.
-                attention_mask=mask[:, : T + step + 1] if padded else None,
-                position_ids=next_position,
-                past_key_values=cache,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            next_position = next_position + 1
+        if not engine.has_unfinished() and all(len(tokens[b]) <= emitted for b in range(B)):
+            return
 
 
 def generate(model: Gemma2ForCausalLM, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

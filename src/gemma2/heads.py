@@ -76,8 +76,12 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
         cache: Gemma2Cache | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Logits [B, T, V] (or the last `logits_to_keep` positions), soft-capped; loss if labels."""
+        """Logits [B, T, V] (or the last `logits_to_keep` positions), soft-capped; loss if labels.
+
+        With a cache, row b continues cache row cache_rows[b] (default b), each at its own length.
+        """
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -86,6 +90,7 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            cache_rows=cache_rows,
         )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):

@@ -17,7 +17,7 @@ from torch import nn
 
 from gemma2 import cpu_kernels
 from gemma2.attention import MaskSpec, attention
-from gemma2.cache import Gemma2Cache, LayerCache
+from gemma2.cache import CacheStep, Gemma2Cache
 from gemma2.config import Gemma2Config
 from gemma2.cpu_kernels import Linear
 from gemma2.decode_layer import decode_layers
@@ -85,26 +85,45 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs beyond its hidden states; built once per forward."""
+    """What every layer's attention needs beyond its hidden states; built once per forward.
 
-    cos: torch.Tensor  # [B, T, D]
+    The masks are built once per kind of layer (full, sliding), not in every layer.
+    """
+
+    cos: torch.Tensor  # [B or 1, T, D]
     sin: torch.Tensor
-    query_positions: torch.Tensor  # [T] cache slots of the new tokens
+    full_mask: MaskSpec
+    sliding_mask: MaskSpec | None
+    step: CacheStep | None  # where the new tokens go in the cache (None: no cache)
     padding: torch.Tensor | None  # [B, slots] bool, True for real tokens (attention_mask)
-    segments: torch.Tensor | None  # [B, T] packed-document index, when position_ids restart
 
-    def mask(self, key_positions: torch.Tensor, window: int | None) -> MaskSpec:
+    def mask(self, window: int | None) -> MaskSpec:
+        if window is None:
+            return self.full_mask
+        assert self.sliding_mask is not None
+        return self.sliding_mask
+
+
+def layer_masks(
+    query_positions: torch.Tensor,
+    full_keys: torch.Tensor,
+    sliding_keys: torch.Tensor | None,
+    window: int | None,
+    padding: torch.Tensor | None,
+    segments: torch.Tensor | None,
+) -> tuple[MaskSpec, MaskSpec | None]:
+    """The full-attention and sliding-window masks of one forward, from query and key positions per row."""
+
+    def spec(key_positions: torch.Tensor, layer_window: int | None) -> MaskSpec:
         key_padding = None
-        if self.padding is not None:
-            key_padding = self.padding[:, key_positions.clamp(min=0)]
-        return MaskSpec(
-            query_positions=self.query_positions,
-            key_positions=key_positions,
-            window=window,
-            key_padding=key_padding,
-            query_segments=self.segments,
-            key_segments=self.segments,
-        )
+        if padding is not None:
+            index = key_positions.clamp(min=0).expand(padding.shape[0], -1)
+            key_padding = padding.gather(1, index)
+        return MaskSpec(query_positions, key_positions, layer_window, key_padding, segments, segments)
+
+    full = spec(full_keys, None)
+    sliding = None if window is None else spec(full_keys if sliding_keys is None else sliding_keys, window)
+    return full, sliding
 
 
 class Gemma2Attention(nn.Module):
@@ -112,6 +131,7 @@ class Gemma2Attention(nn.Module):
         super().__init__()
         d, H, K, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, K, D
+        self.layer_idx = layer_idx
         # The scale is query_pre_attn_scalar**-0.5, not head_dim**-0.5: they differ for 27B (144).
         self.scaling = config.query_pre_attn_scalar**-0.5
         self.softcap = config.attn_logit_softcapping
@@ -123,7 +143,7 @@ class Gemma2Attention(nn.Module):
         self.v_proj = Linear(d, K * D, bias=bias)
         self.o_proj = Linear(H * D, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
@@ -131,10 +151,9 @@ class Gemma2Attention(nn.Module):
         q = apply_rotary(q, inputs.cos, inputs.sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
-            k, v, key_positions = cache.update(k, v)
-        else:
-            key_positions = inputs.query_positions
-        mask = inputs.mask(key_positions, self.window)
+            assert inputs.step is not None
+            k, v = cache.update(self.layer_idx, k, v, inputs.step)
+        mask = inputs.mask(self.window)
         dropout = self.dropout if self.training else 0.0
         out = attention(q, k, v, mask, self.scaling, self.softcap, dropout)  # [B, T, H, D]
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
@@ -166,7 +185,7 @@ class Gemma2DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma2RMSNorm(d, eps)
         self.post_feedforward_layernorm = Gemma2RMSNorm(d, eps)
 
-    def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: LayerCache | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache | None) -> torch.Tensor:
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs, cache))
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
@@ -207,7 +226,13 @@ class Gemma2Model(Gemma2PreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
         cache: Gemma2Cache | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> BaseModelOutput:
+        """Hidden states [B, T, d] of B rows of T new tokens.
+
+        With a cache, row b continues cache row cache_rows[b] (default b) at that row's own length:
+        rows of one batch may sit at different positions.
+        """
         if past_key_values is None:
             past_key_values = cache  # transformers 5.x renamed the argument to `cache`
         if (input_ids is None) == (inputs_embeds is None):
@@ -227,12 +252,18 @@ class Gemma2Model(Gemma2PreTrainedModel):
             past_key_values = Gemma2Cache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, Gemma2Cache):
             raise InputError(f"past_key_values must be a gemma2.Gemma2Cache, got {type(past_key_values).__name__}")
-        start = past_key_values.seq_length if past_key_values is not None else 0
         device = inputs_embeds.device
-        query_positions = torch.arange(start, start + T, device=device)
+        step = None
+        if past_key_values is not None:
+            step = past_key_values.begin(B, T, device, cache_rows)
+            query_positions = step.query_positions  # [B, T]
+            slots = step.full_slots
+        else:
+            query_positions = torch.arange(T, device=device)[None]  # [1, T]
+            slots = T
         segments = None
         if position_ids is None:
-            position_ids = query_positions[None]
+            position_ids = query_positions
         else:
             position_ids = self._check_position_ids(position_ids, B, T).to(device)
             if attention_mask is None and past_key_values is None:
@@ -241,28 +272,34 @@ class Gemma2Model(Gemma2PreTrainedModel):
                 segments = packed_segments(position_ids.expand(B, T))
         padding = None
         if attention_mask is not None:
-            padding = self._check_attention_mask(attention_mask, B, start + T).to(device)
+            padding = self._check_attention_mask(attention_mask, B, slots).to(device)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        inputs = AttentionInputs(cos, sin, query_positions, padding, segments)
+        window = self.config.sliding_window if any(map(self.config.is_sliding, range(len(self.layers)))) else None
+        if step is not None:
+            full, sliding = layer_masks(
+                query_positions, step.full_key_positions, step.sliding_key_positions, window, padding, segments
+            )
+        else:
+            full, sliding = layer_masks(query_positions, query_positions, None, window, padding, segments)
+        inputs = AttentionInputs(cos, sin, full, sliding, step, padding)
 
         h = inputs_embeds
         first = 0
         if past_key_values is not None and T == 1 and not output_hidden_states:
             # A decode step: the layers in one native call where they allow it (decode_layer.py).
-            h, first = decode_layers(self.layers, h, inputs, past_key_values.layers)
+            h, first = decode_layers(self.layers, h, inputs, past_key_values)
         all_hidden: list[torch.Tensor] = []
         for i in range(first, len(self.layers)):
             layer = self.layers[i]
             if output_hidden_states:
                 all_hidden.append(h)
-            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training and layer_cache is None:
+            if self.gradient_checkpointing and self.training and past_key_values is None:
                 h = torch.utils.checkpoint.checkpoint(layer, h, inputs, None, use_reentrant=False)
             else:
-                h = layer(h, inputs, layer_cache)
+                h = layer(h, inputs, past_key_values)
         h = self.norm(h)
-        if past_key_values is not None:
-            past_key_values.seq_length += T
+        if past_key_values is not None and step is not None:
+            past_key_values.commit(step)
         hidden_states = None
         if output_hidden_states:
             # The reference reports the embeddings, the outputs of layers 0..N-2, and the final

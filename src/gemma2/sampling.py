@@ -1,4 +1,4 @@
-"""Next-token selection: logits processors and samplers as pure functions on [B, V] float32 logits.
+"""Next-token selection: per-request settings, and processors and samplers as pure functions on [B, V] logits.
 
 The processors and their order follow transformers' generate: repetition penalty, then (when
 sampling) temperature, top-k, top-p, min-p; removed tokens get -inf.
@@ -6,6 +6,7 @@ sampling) temperature, top-k, top-p, min-p; removed tokens get -inf.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,61 @@ class SamplingSettings:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class SamplingParams:
+    """How one request of the engine picks its tokens and when it stops (OpenAI's conventions).
+
+    temperature 0 is greedy. stop_token_ids None means the checkpoint's stop tokens
+    (generation_config.json, else config.json); ids given are stops in addition to them;
+    ignore_eos drops the checkpoint's (the ids given still stop). logprobs N > 0 reports the chosen
+    token's log probability and the N most likely tokens', from the model's own logits (after
+    the final soft-cap, before any processor).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int = 0
+
+    def settings(self) -> SamplingSettings:
+        sample = self.temperature > 0
+        return SamplingSettings(
+            sample, self.temperature if sample else 1.0, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+        )
+
+    def validate(self) -> None:
+        """Raise InputError naming the field that cannot work."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0:
+            raise InputError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.stop_token_ids is not None and not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.stop_token_ids
+        ):
+            raise InputError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        self.settings().validate()
+
+
+def log_probabilities(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log_softmax of one row's logits [V] in float32: the token's value and the `top` largest (id, value)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        best = [(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return float(logprobs[token]), best
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
