@@ -71,9 +71,13 @@ def quantizable_model(seed: int = 0, **overrides: Any) -> Any:
         query_pre_attn_scalar=32,
         sliding_window=6,
     )
+    from gemma2.backends import apply_backend
+
     model = Gemma2ForCausalLM(tiny_config(**{**sizes, **overrides}))
     randomize_(model, seed=seed, std=0.1)
-    return model.to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16).eval()
+    apply_backend(model, "auto")  # the native CPU kernels where they run (quantize keeps the backend)
+    return model
 
 
 def hf_model(config: Gemma2Config, head: str = "causal", seed: int = 0, std: float = 0.3) -> Any:

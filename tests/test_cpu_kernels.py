@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from conftest import quantizable_model, randomize_
 
-from gemma2 import Gemma2Cache, Gemma2ForCausalLM, cpu_kernels
-from gemma2 import quantization as qz
+from gemma2 import Gemma2Cache, Gemma2ForCausalLM
+from gemma2 import quant as qz
+from gemma2.backends import apply_backend
+from gemma2.backends.cpu import kernels as cpu_kernels
+from gemma2.backends.cpu.layers import NativeLinear
 
 TESTS = Path(__file__).parent
 
@@ -266,7 +269,7 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# cpu_kernels.Linear: native for decode-sized bf16 inputs, exactly F.linear otherwise
+# NativeLinear: native for decode-sized bf16 inputs, exactly F.linear otherwise
 
 
 @pytest.fixture
@@ -283,8 +286,8 @@ def native_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     return calls
 
 
-def bf16_linear(K: int, N: int, bias: bool = False, seed: int = 0) -> cpu_kernels.Linear:
-    layer = cpu_kernels.Linear(K, N, bias=bias)
+def bf16_linear(K: int, N: int, bias: bool = False, seed: int = 0) -> NativeLinear:
+    layer = NativeLinear(K, N, bias=bias)
     randomize_(layer, seed=seed, std=0.5)
     return layer.to(torch.bfloat16)
 
@@ -308,7 +311,7 @@ def test_linear_runs_natively_for_decode_sized_inputs(
     assert ((y.reshape(-1, 53).double() - expected).abs() <= tolerance).all()
 
 
-FALLBACKS: dict[str, Callable[[], tuple[cpu_kernels.Linear, torch.Tensor]]] = {
+FALLBACKS: dict[str, Callable[[], tuple[NativeLinear, torch.Tensor]]] = {
     "float32": lambda: (bf16_linear(64, 24).float(), torch.randn(1, 64)),
     "more_than_max_rows": lambda: (bf16_linear(64, 24), torch.randn(1, cpu_kernels.MAX_ROWS + 1, 64).bfloat16()),
     "k_not_multiple_of_32": lambda: (bf16_linear(48, 24), torch.randn(2, 48).bfloat16()),
@@ -390,6 +393,7 @@ def model_outputs() -> dict[str, Any]:
         randomize_(linear, seed=N, std=0.2)
         x = torch.randn(3, K, generator=generator(N)).bfloat16()
         for layer in (qz.Int8Linear.from_linear(linear.bfloat16()), qz.Int4Linear.from_linear(linear.bfloat16(), G)):
+            apply_backend(layer, "auto")  # the native kernels where they run, PyTorch's in the subprocess
             key = f"{type(layer).__name__}_{N}x{K}"
             try:
                 with torch.no_grad():
@@ -470,7 +474,7 @@ def test_fallback_layers_handle_any_output_size(
 
 PRINT_LIBRARY = """
     import json, os
-    from gemma2 import cpu_kernels
+    from gemma2.backends.cpu import kernels as cpu_kernels
     library = cpu_kernels._library()
     path = library._name if library is not None else None
     print(json.dumps({"available": cpu_kernels.available(), "path": path,
@@ -502,7 +506,8 @@ def test_a_broken_compiler_warns_and_the_model_still_works(tmp_path: Path) -> No
         import torch.nn.functional as F
         sys.path.insert(0, ".")
         from conftest import quantizable_model
-        from gemma2 import cpu_kernels, quantization
+        from gemma2 import quant as quantization
+        from gemma2.backends.cpu import kernels as cpu_kernels
         available = cpu_kernels.available()
         model = quantizable_model(vocab_size=211)
         x = torch.randn(1, 128).bfloat16()

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma2 import cpu_kernels
-from gemma2 import quantization as qz
+from gemma2 import quant as qz
 from gemma2.attention import MaskSpec, eager_attention
+from gemma2.backends.cpu import library as cpu_kernels
 
 BF16 = torch.bfloat16
 COMPILER = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -444,7 +444,7 @@ def test_decode_attention_equals_eager_attention(
 def layer_case(seed: int) -> dict:
     """One layer (d 64, 4 heads of 32 over 2 key heads, 96 features) with every kind of projection,
     a cache of 4 rows x 12 slots read by 3 batch rows, each at its own position and slot."""
-    from gemma2.decode_layer import _Layer, _Linear, activation_table
+    from gemma2.backends.cpu.decode import _Layer, _Linear, activation_table
 
     g = generator(seed)
     d, H, KV, D, F = 64, 4, 2, 32, 96
@@ -478,7 +478,7 @@ def layer_case(seed: int) -> dict:
 
 
 def test_decode_layers_equal_their_kernels_composed(lib: ctypes.CDLL) -> None:
-    from gemma2.decode_layer import _Cache, _Step
+    from gemma2.backends.cpu.decode import _Cache, _Step
 
     c = layer_case(seed=5)
     g, d, H, KV, D = c["g"], c["d"], c["H"], c["KV"], c["D"]
@@ -622,7 +622,7 @@ def test_scalar_source_is_portable_c99(openmp: bool) -> None:
 
 SELECTION = """
     import json, logging, os
-    from gemma2 import cpu_kernels
+    from gemma2.backends.cpu import library as cpu_kernels
     logging.basicConfig()
     results = {}
     for setting in ["bogus", "scalar", "SCALAR", "off", "scalar+disabled", "avx512-missing", "auto"]:

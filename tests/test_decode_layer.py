@@ -1,4 +1,4 @@
-"""The native decode layer (gemma2.decode_layer) against the op-by-op path it replaces.
+"""The native decode layer (gemma2.backends.cpu.decode) against the op-by-op path it replaces.
 
 Both use the same kernels and roundings, so decode logits, caches and generated tokens must be bit
 for bit equal, over every cache kind (full, sliding ring that wraps, short ring that grows),
@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import quantizable_model
 
-from gemma2 import cpu_kernels, decode_layer
-from gemma2 import quantization as qz
+from gemma2 import quant as qz
+from gemma2.backends.cpu import decode as decode_layer
+from gemma2.backends.cpu import kernels as cpu_kernels
 from gemma2.cache import Gemma2Cache
 
 native = pytest.mark.skipif(not cpu_kernels.available(), reason="needs the native CPU kernels (AVX-512 BF16)")
@@ -33,12 +34,12 @@ def native_layer_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(done)
         return h, done
 
-    monkeypatch.setattr("gemma2.model.decode_layers", spy)
+    monkeypatch.setattr("gemma2.backends.cpu.decode.decode_layers", spy)
     return calls
 
 
 def op_by_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gemma2.model.decode_layers", lambda layers, h, *args: (h, 0))
+    monkeypatch.setattr("gemma2.backends.cpu.decode.decode_layers", lambda layers, h, *args: (h, 0))
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization (gemma2.quantization): the arithmetic, whole models, checkpoints.
+"""Weight-only int8 / int4 quantization (gemma2.quant): the arithmetic, whole models, checkpoints.
 
 A quantized model is compared with "dequantized reference math": a plain model whose weights are
 each quantized layer's `.dequantize()`. The quantized model runs in bf16, so it is held to being as
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from conftest import quantizable_model, randomize_
 from safetensors.torch import load_file, save_file
 
-from gemma2 import CheckpointError, Gemma2Cache, Gemma2ForCausalLM, InputError, cpu_kernels
-from gemma2 import quantization as qz
+from gemma2 import CheckpointError, Gemma2Cache, Gemma2ForCausalLM, InputError
+from gemma2 import quant as qz
+from gemma2.backends.cpu import kernels as cpu_kernels
 from gemma2.default_model import BUNDLED
-from gemma2.quantization import Int4Linear, Int8Embedding, Int8Linear
+from gemma2.quant import Int4Linear, Int8Embedding, Int8Linear
 from gemma2.tokenizer import Gemma2Tokenizer
 
 QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)

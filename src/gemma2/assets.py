@@ -5,7 +5,7 @@ inside the pure-Python wheel `maxtext==0.2.5`; it is fetched with pip (the one r
 machine that installed this package can reach), checked by sha256, and cached.
 
     python -m gemma2.assets          # fetch now (the Makefile does this while installing);
-                                     # also compiles the native CPU kernels (gemma2.cpu_kernels)
+                                     # also compiles the native CPU kernels (gemma2.backends.cpu)
 
 The cache lives in $GEMMA2_CACHE, else $XDG_CACHE_HOME/gemma2, else ~/.cache/gemma2.
 """
@@ -94,11 +94,12 @@ def main() -> int:
         print(f"gemma2: error: {error}", file=sys.stderr)
         return 2
     print(f"Gemma tokenizer: {path} (sha256 {TOKENIZER_SHA256[:12]}...)")
-    from gemma2 import cpu_kernels
+    from gemma2.backends.cpu import library
 
     # Compiled now rather than on the first generation (a few seconds); optional: PyTorch's kernels
     # take over where this CPU or machine cannot build them.
-    print(f"native CPU kernels: {'built' if cpu_kernels.available() else 'not available, using PyTorch kernels'}")
+    built = f"built ({library.variant()})" if library.available() else "not available, using PyTorch kernels"
+    print(f"native CPU kernels: {built}")
     return 0
 
 

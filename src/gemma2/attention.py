@@ -17,12 +17,11 @@ per layer in float32). Each block's rows are computed exactly as in the one-shot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-from gemma2 import cpu_kernels
 
 # Largest float32 score block (bytes) the tiled kernel holds at once.
 DEFAULT_SCORE_BUDGET_BYTES = 256 * 1024 * 1024
@@ -130,19 +129,6 @@ def attention(
     if score_budget_bytes is None:
         score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
     B, H, T, _ = query.shape
-    if dropout == 0.0 and mask.query_segments is None and cpu_kernels.decode_attention_applies(query, key, value):
-        # One new token: a native kernel reads the cache once (same roundings and mask as below).
-        return cpu_kernels.decode_attention(
-            query,
-            key,
-            value,
-            mask.key_positions,
-            mask.query_positions[:, 0],
-            mask.window,
-            mask.key_padding,
-            scaling,
-            softcap,
-        )
     S = key.shape[2]
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.
     row_bytes = B * H * S * 8
@@ -154,3 +140,20 @@ def attention(
         for lo in range(0, T, block)
     ]
     return torch.cat(outputs, dim=1)
+
+
+# The attention implementations, by name; each takes (query [B, H, T, D], key, value [B, K, S, D],
+# mask, scaling, softcap, dropout) and returns [B, T, H, D], with Gemma 2's soft-cap applied before
+# the mask. A kernel that cannot soft-cap must not register: dropping the cap is the bug that made
+# other stacks' Gemma 2 27B talk nonsense.
+AttentionFunction = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, MaskSpec, float, "float | None", float], torch.Tensor
+]
+ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {"eager": attention}
+
+
+def register_attention(name: str, function: AttentionFunction, soft_caps: bool) -> None:
+    """Add an implementation to the registry; `soft_caps` must be True (see above)."""
+    if not soft_caps:
+        raise ValueError(f"attention {name!r} cannot soft-cap its scores, which Gemma 2 needs; not registered")
+    ATTENTION_FUNCTIONS[name] = function

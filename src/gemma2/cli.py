@@ -181,6 +181,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"KV cache at {length} tokens, batch 1, bf16: {cache / 2**20:,.1f} MiB "
         f"(sliding layers keep {config.sliding_window} slots; {everything / 2**20:,.1f} MiB if every layer kept all)"
     )
+    import os
+
+    from gemma2.backends.cpu import library
+
+    kernels = library.variant()
+    chosen = os.environ.get(library.VARIANT_ENV, "auto")
+    print(f"kernels: {'native CPU (' + kernels + ')' if kernels else 'PyTorch ops'} ({library.VARIANT_ENV}={chosen})")
     print(config.to_json_string(), end="")
     return 0
 

@@ -84,7 +84,9 @@ class Engine:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if max_length is not None and (not isinstance(max_length, int) or not 1 <= max_length <= context):
-            raise InputError(f"max_length must be an integer in [1, {context}] (the context length), got {max_length!r}")
+            raise InputError(
+                f"max_length must be an integer in [1, {context}] (the context length), got {max_length!r}"
+            )
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise InputError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.model = model
@@ -104,7 +106,10 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def add(
-        self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None, request_id: Hashable = None
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        request_id: Hashable = None,
     ) -> Hashable:
         """Queue a request; returns its id. Refused (InputError) when prompt + max_new_tokens > max_length."""
         params = params or SamplingParams()
@@ -137,7 +142,9 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        request = _Request(request_id, prompt, params, params.settings(), frozenset(stops), generator, seen=list(prompt))
+        request = _Request(
+            request_id, prompt, params, params.settings(), frozenset(stops), generator, seen=list(prompt)
+        )
         self.requests[request_id] = request
         self.waiting.append(request)
         return request_id

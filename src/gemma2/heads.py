@@ -9,21 +9,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma2 import cpu_kernels
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
-from gemma2.cpu_kernels import Linear
 from gemma2.errors import InputError
 from gemma2.model import Gemma2Model
 from gemma2.outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
-from gemma2.quantization import Int8Embedding, Int8Linear
 
 IGNORE_INDEX = -100
 
@@ -32,8 +30,6 @@ def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """tanh(x / cap) * cap, the reference's op order; identity when cap is None."""
     if cap is None:
         return logits
-    if cpu_kernels.logits_op_applies(logits):  # a decode step's logits: one native call
-        return cpu_kernels.soft_cap(logits, cap)
     return torch.tanh(logits / cap) * cap
 
 
@@ -49,7 +45,9 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__(config)
         self.model = Gemma2Model(config)
-        self.lm_head: nn.Linear | Int8Linear = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: Any = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The final soft-cap, tanh(x / cap) * cap; a backend may install its kernel (same results).
+        self.logits_soft_cap: Callable[[torch.Tensor, float | None], torch.Tensor] = soft_cap
         if config.tie_word_embeddings:
             self.tie_weights()
         else:
@@ -58,8 +56,8 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
     def tie_weights(self) -> None:
         if not self.config.tie_word_embeddings:
             return
-        embedding = self.model.embed_tokens
-        if isinstance(embedding, Int8Embedding):
+        embedding: Any = self.model.embed_tokens
+        if hasattr(embedding, "as_linear"):  # a quantized embedding (gemma2.quant) makes its own head
             self.lm_head = embedding.as_linear()
         else:
             self.lm_head.weight = embedding.weight
@@ -100,7 +98,7 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
                 h = h[:, -logits_to_keep:]
         else:
             h = h[:, logits_to_keep]
-        logits = soft_cap(self.lm_head(h), self.config.final_logit_softcapping)
+        logits = self.logits_soft_cap(self.lm_head(h), self.config.final_logit_softcapping)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:-1]:

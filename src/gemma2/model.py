@@ -8,6 +8,7 @@ heads, D head_dim, d hidden_size, F intermediate_size, V vocab_size, W sliding w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from gemma2 import cpu_kernels
-from gemma2.attention import MaskSpec, attention
+from gemma2.attention import ATTENTION_FUNCTIONS, AttentionFunction, MaskSpec
 from gemma2.cache import CacheStep, Gemma2Cache
 from gemma2.config import Gemma2Config
-from gemma2.cpu_kernels import Linear
-from gemma2.decode_layer import decode_layers
 from gemma2.errors import InputError
 from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
@@ -39,8 +37,6 @@ class Gemma2RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.rms_norm_applies(x, self.weight):  # a decode step: one native call
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
@@ -59,8 +55,6 @@ def rotary_cos_sin(
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, D] by cos/sin [B, T, D] ("rotate_half" convention)."""
-    if cpu_kernels.rotary_applies(x, cos, sin):  # a decode step: one native call
-        return cpu_kernels.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -138,24 +132,28 @@ class Gemma2Attention(nn.Module):
         self.dropout = config.attention_dropout
         self.window = config.sliding_window if config.is_sliding(layer_idx) else None
         bias = config.attention_bias
-        self.q_proj = Linear(d, H * D, bias=bias)
-        self.k_proj = Linear(d, K * D, bias=bias)
-        self.v_proj = Linear(d, K * D, bias=bias)
-        self.o_proj = Linear(H * D, d, bias=bias)
+        self.q_proj = nn.Linear(d, H * D, bias=bias)
+        self.k_proj = nn.Linear(d, K * D, bias=bias)
+        self.v_proj = nn.Linear(d, K * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, d, bias=bias)
+        # Chosen once, by name from the registry (attention.py) or by a backend (gemma2.backends),
+        # never looked up per call. Both keep the eager signatures.
+        self.attention_function: AttentionFunction = ATTENTION_FUNCTIONS["eager"]
+        self.rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rotary
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, inputs.cos, inputs.sin)
-        k = apply_rotary(k, inputs.cos, inputs.sin)
+        q = self.rotary(q, inputs.cos, inputs.sin)
+        k = self.rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
             assert inputs.step is not None
             k, v = cache.update(self.layer_idx, k, v, inputs.step)
         mask = inputs.mask(self.window)
         dropout = self.dropout if self.training else 0.0
-        out = attention(q, k, v, mask, self.scaling, self.softcap, dropout)  # [B, T, H, D]
+        out = self.attention_function(q, k, v, mask, self.scaling, self.softcap, dropout)  # [B, T, H, D]
         return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -164,9 +162,9 @@ class Gemma2MLP(nn.Module):
         super().__init__()
         d, F_ = config.hidden_size, config.intermediate_size
         self.activation = config.hidden_activation
-        self.gate_proj = Linear(d, F_, bias=False)
-        self.up_proj = Linear(d, F_, bias=False)
-        self.down_proj = Linear(F_, d, bias=False)
+        self.gate_proj = nn.Linear(d, F_, bias=False)
+        self.up_proj = nn.Linear(d, F_, bias=False)
+        self.down_proj = nn.Linear(F_, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(activation(self.activation, self.gate_proj(x)) * self.up_proj(x))
@@ -190,6 +188,9 @@ class Gemma2DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
+DecodeStep = Callable[["Gemma2Model", torch.Tensor, AttentionInputs, Gemma2Cache], tuple[torch.Tensor, int]]
+
+
 class Gemma2Model(Gemma2PreTrainedModel):
     """Embedding, the decoder layers and the final norm; returns hidden states [B, T, d]."""
 
@@ -202,6 +203,9 @@ class Gemma2Model(Gemma2PreTrainedModel):
         self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Gemma2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # A backend's fused decode step (gemma2.backends): runs the leading layers of a one-token
+        # forward and returns (hidden states, how many layers ran); None runs every layer here.
+        self.decode_step: DecodeStep | None = None
         self.init_weights()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -285,9 +289,8 @@ class Gemma2Model(Gemma2PreTrainedModel):
 
         h = inputs_embeds
         first = 0
-        if past_key_values is not None and T == 1 and not output_hidden_states:
-            # A decode step: the layers in one native call where they allow it (decode_layer.py).
-            h, first = decode_layers(self.layers, h, inputs, past_key_values)
+        if self.decode_step is not None and past_key_values is not None and T == 1 and not output_hidden_states:
+            h, first = self.decode_step(self, h, inputs, past_key_values)
         all_hidden: list[torch.Tensor] = []
         for i in range(first, len(self.layers)):
             layer = self.layers[i]

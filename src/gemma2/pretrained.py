@@ -78,6 +78,8 @@ class Gemma2PreTrainedModel(nn.Module):
     base_model_prefix = "model"
     # Parameters a head adds to the backbone; a backbone checkpoint may lack them.
     head_keys: tuple[str, ...] = ()
+    # The backend whose kernels it runs (gemma2.backends.apply_backend sets it): PyTorch's ops until then.
+    backend = "torch"
 
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__()
@@ -182,6 +184,7 @@ class Gemma2PreTrainedModel(nn.Module):
         torch_dtype: str | torch.dtype | None = None,
         quantize: str | None = None,
         group_size: int | None = None,
+        backend: str = "auto",
         **config_overrides: Any,
     ) -> ModelT:
         """Load a Hugging Face layout checkpoint (local directory or hub id).
@@ -189,9 +192,14 @@ class Gemma2PreTrainedModel(nn.Module):
         `dtype` converts on load (None or "auto" keeps the stored dtype); keyword arguments that
         name config fields override config.json (e.g. num_labels=3 for a new classifier).
         A checkpoint saved quantized loads quantized; `quantize="int8"|"int4"` quantizes a
-        full-precision one after loading (see gemma2.quantization).
+        full-precision one after loading (see gemma2.quant). `backend` picks the kernels it runs
+        (gemma2.backends: "auto", "cpu" or "torch"), applied last.
         """
-        from gemma2 import quantization
+        from gemma2 import quant as quantization
+        from gemma2.backends import BACKENDS, apply_backend
+
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
         if group_size is not None and quantize is None:
             raise InputError("group_size applies only with quantize='int4'")
@@ -250,6 +258,7 @@ class Gemma2PreTrainedModel(nn.Module):
                     f"{directory}: the checkpoint is already quantized; load it as it is (no quantize / --quantize)"
                 )
             quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE)
+        apply_backend(model, backend)
         return model.eval()
 
     def _plan_loading(

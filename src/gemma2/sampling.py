@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma2 import cpu_kernels
 from gemma2.errors import InputError
 
 
@@ -145,6 +144,6 @@ def next_tokens(
     """The next token [B] for each row: argmax when greedy, a draw from the processed distribution otherwise."""
     logits = process_logits(logits, seen, settings)
     if not settings.do_sample:
-        return cpu_kernels.argmax(logits) if cpu_kernels.logits_op_applies(logits) else logits.argmax(dim=-1)
+        return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -12,7 +12,8 @@ Arithmetic ("dequantized reference math", what the tests compare against):
     int8: w = q * scale[n]                       q in [-127, 127], scale = max|w[n, :]| / 127
     int4: w = (q - 8) * scale[n, k // G]         q in [0, 15], scale = max|w[n, group]| / 7
 and y = x @ w^T. Prompts (many rows) expand a block of weight rows at a time to the activation
-dtype and use the bf16 matmul. Decode-sized inputs run in cpu_kernels, which multiplies the integer
+dtype and use the bf16 matmul. With the CPU backend (gemma2.backends.cpu), decode-sized inputs run
+in its native kernels, which multiply the integer
 weights with quantized activations in exact integer arithmetic and scales in float32: for int8
 weights the activations are quantized per row to int16 (finer than bf16 for every element within
 1/128 of the row's largest), for int4 weights per block of 64 to int8 (as fine as bf16 for each
@@ -37,14 +38,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma2 import cpu_kernels
-from gemma2.errors import CheckpointError, InputError
+from gemma2.errors import InputError
 
 QUANT_METHOD = "gemma2"
 MODES = ("int8", "int4")
 GROUP_SIZES = (64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
 ROW_BLOCK = 8192  # weight rows expanded at a time (bounds the memory of the float copy)
+TORCH_KERNEL_ROWS = 8  # activation rows up to which PyTorch's packed weight-only kernels run
+
+# A backend's kernels for a quantized layer (installed by gemma2.backends, never chosen here):
+# decode(layer, x) -> y, or None where it does not apply; expand(layer, lo, hi, dtype) -> weight
+# rows lo:hi, or None where it does not apply.
+DecodeKernel = Callable[[Any, torch.Tensor], "torch.Tensor | None"]
+ExpandKernel = Callable[[Any, int, int, torch.dtype], "torch.Tensor | None"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,10 +122,13 @@ def _blockwise_linear(x: torch.Tensor, rows: int, weight_rows: Callable[[int, in
 class _QuantizedLinear(nn.Module):
     """What int8 and int4 linear layers share: the bias and the choice of kernel for each call.
 
-    Decode-sized inputs run the native kernel, else PyTorch's packed kernel; anything else (prompts,
-    float32, autograd, non-finite activations) multiplies blocks of weight rows expanded to x's dtype.
+    Decode-sized inputs run the backend's kernel where one is installed (`decode_kernel`), else
+    PyTorch's packed kernel; anything else (prompts, float32, autograd, non-finite activations)
+    multiplies blocks of weight rows expanded to x's dtype (`expand_kernel`, else in Python).
     """
 
+    decode_kernel: DecodeKernel | None = None
+    expand_kernel: ExpandKernel | None = None
     weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: nn.Parameter | None
@@ -129,33 +139,41 @@ class _QuantizedLinear(nn.Module):
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
-    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The native kernel's output; None for non-finite x."""
-        raise NotImplementedError
-
     def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
         raise NotImplementedError
 
     def _torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    def _expand_python(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         """Weight rows lo:hi as a [hi - lo, in_features] matrix in dtype."""
         raise NotImplementedError
 
+    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.expand_kernel is not None:
+            rows = self.expand_kernel(self, lo, hi, dtype)
+            if rows is not None:
+                return rows
+        return self._expand_python(lo, hi, dtype)
+
+    def expanded_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T with W expanded a block of rows at a time (no bias): exact for any input."""
+        return _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None
-        if cpu_kernels.applies(x, self.weight_scale):
-            out = self._native(x)
-        elif (
-            x.shape[:-1].numel() <= cpu_kernels.MAX_ROWS
+        if self.decode_kernel is not None:
+            out = self.decode_kernel(self, x)
+        if (
+            out is None
+            and x.shape[:-1].numel() <= TORCH_KERNEL_ROWS
             and x.device.type == "cpu"
             and not x.requires_grad
             and self._torch_kernel_applies(x)
         ):
             out = self._torch_kernel(x)
         if out is None:
-            out = _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
+            out = self.expanded_linear(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -179,14 +197,8 @@ class Int8Linear(_QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale)
 
-    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        q, scale = self.weight[lo:hi], self.weight_scale[lo:hi].float()
-        if dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[1] % 16 == 0 and cpu_kernels.available():
-            return cpu_kernels.dequantize_int8(q, scale)
-        return dequantize_int8(q, scale).to(dtype)
-
-    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
-        return cpu_kernels.linear_int8(x, self.weight, self.weight_scale.float())
+    def _expand_python(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int8(self.weight[lo:hi], self.weight_scale[lo:hi].float()).to(dtype)
 
     def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
         return True
@@ -218,7 +230,7 @@ class Int4Linear(_QuantizedLinear):
             "weight_scale", torch.empty(out_features, in_features // group_size, dtype=torch.float32, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        # PyTorch's own int4 layout and its scales, built on first need (where the native kernels are unavailable).
+        # PyTorch's own int4 layout and its scales, built on first need (where no backend kernel runs).
         self._torch_layout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -231,14 +243,8 @@ class Int4Linear(_QuantizedLinear):
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize_int4(self.weight, self.weight_scale, dtype)
 
-    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        packed, scale = self.weight[lo:hi], self.weight_scale[lo:hi].float()
-        if dtype == torch.bfloat16 and cpu_kernels.available() and packed.device.type == "cpu":
-            return cpu_kernels.dequantize_int4(packed.contiguous(), scale.contiguous(), self.group_size)
-        return dequantize_int4(packed, scale, dtype)
-
-    def _native(self, x: torch.Tensor) -> torch.Tensor | None:
-        return cpu_kernels.linear_int4(x, self.weight, self.weight_scale.float(), self.group_size)
+    def _expand_python(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_int4(self.weight[lo:hi], self.weight_scale[lo:hi].float(), dtype)
 
     def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
         # PyTorch's int4 layout packs 16 output rows together, and its kernel takes bf16.
@@ -292,129 +298,3 @@ class Int8Embedding(nn.Module):
 
 
 QuantizedLayer = Int8Linear | Int4Linear | Int8Embedding
-
-
-# ------------------------------------------------------------------------------------------------
-# Whole models
-
-
-def quantization_config(mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, Any]:
-    """The "quantization_config" entry of config.json for a mode."""
-    config: dict[str, Any] = {"quant_method": QUANT_METHOD, "weights": mode, "embedding": "int8"}
-    if mode == "int4":
-        config["group_size"] = group_size
-    return config
-
-
-def _check_config(config: dict[str, Any], source: str) -> tuple[str, int]:
-    if not isinstance(config, dict) or config.get("quant_method") != QUANT_METHOD:
-        method = config.get("quant_method") if isinstance(config, dict) else config
-        raise CheckpointError(
-            f"{source}: quantization_config quant_method {method!r} is not supported "
-            f"(gemma2 reads its own {QUANT_METHOD!r} int8/int4 format)"
-        )
-    mode = config.get("weights")
-    if mode not in MODES:
-        raise CheckpointError(f"{source}: quantization_config weights must be one of {MODES}, got {mode!r}")
-    group_size = config.get("group_size", DEFAULT_GROUP_SIZE)
-    if mode == "int4" and group_size not in GROUP_SIZES:
-        raise CheckpointError(
-            f"{source}: quantization_config group_size must be one of {GROUP_SIZES}, got {group_size}"
-        )
-    return mode, int(group_size)
-
-
-def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    backbone: Any = getattr(model, "backbone", model)
-    found = []
-    for layer in backbone.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear):
-                    found.append((parent, name, child))
-    return found
-
-
-def _replace_layers(model: Any, mode: str, group_size: int, make: str) -> None:
-    """Swap every decoder linear, the embedding and the LM head for quantized layers.
-
-    make="quantize" quantizes the existing weights; make="empty" builds meta skeletons to load into.
-    """
-    linears = _layer_linears(model)
-    if mode == "int4":
-        for parent, name, linear in linears:
-            if linear.in_features % group_size:
-                raise InputError(
-                    f"int4 group size {group_size} does not divide the input size {linear.in_features} "
-                    f"of {type(parent).__name__}.{name}; choose one of {GROUP_SIZES} that does"
-                )
-    for parent, name, linear in linears:
-        bias = linear.bias is not None
-        if make == "empty":
-            new: nn.Module = (
-                Int8Linear(linear.in_features, linear.out_features, bias, device="meta")
-                if mode == "int8"
-                else Int4Linear(linear.in_features, linear.out_features, group_size, bias, device="meta")
-            )
-        else:
-            new = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
-        setattr(parent, name, new)
-    backbone: Any = getattr(model, "backbone", model)
-    embedding = backbone.embed_tokens
-    if make == "empty":
-        backbone.embed_tokens = Int8Embedding(
-            embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta"
-        )
-    else:
-        backbone.embed_tokens = Int8Embedding.from_embedding(embedding)
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear):
-        if model.config.tie_word_embeddings:
-            model.tie_weights()  # the head shares the int8 embedding (heads.py)
-        elif make == "empty":
-            model.lm_head = Int8Linear(head.in_features, head.out_features, head.bias is not None, device="meta")
-        else:
-            model.lm_head = Int8Linear.from_linear(head)
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(module, QuantizedLayer) for module in model.modules())
-
-
-def quantize(model: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
-    """Quantize a loaded Gemma 2 model's weights in place (see the module docstring); returns it.
-
-    mode "int8": per-output-channel int8 everywhere. mode "int4": group-wise int4 decoder layers
-    (group_size 64, 128 or 256 input weights per scale), int8 embedding and LM head.
-    """
-    if mode not in MODES:
-        raise InputError(f"quantization mode must be one of {MODES}, got {mode!r}")
-    if mode == "int4" and group_size not in GROUP_SIZES:
-        raise InputError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
-    if is_quantized(model):
-        raise InputError("the model is already quantized")
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise InputError("cannot quantize a model whose weights are still on the meta device")
-    with torch.no_grad():
-        _replace_layers(model, mode, group_size, make="quantize")
-    model.config.extra["quantization_config"] = quantization_config(mode, group_size)
-    return model
-
-
-def prepare_for_loading(model: Any, config: dict[str, Any], source: str) -> None:
-    """Replace a meta skeleton's layers with empty quantized ones matching a checkpoint's config."""
-    mode, group_size = _check_config(config, source)
-    try:
-        _replace_layers(model, mode, group_size, make="empty")
-    except InputError as error:
-        raise CheckpointError(f"{source}: quantization_config does not fit the model: {error}") from None
-
-
-def stored_dtype_tensors(model: nn.Module) -> dict[str, torch.dtype]:
-    """State-dict names whose stored dtype is part of the format (never converted on load)."""
-    fixed = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, QuantizedLayer):
-            for name in ("weight", "weight_scale"):
-                fixed[f"{prefix}.{name}"] = getattr(module, name).dtype
-    return fixed

@@ -3,7 +3,7 @@
 A decode step of gemma-2-2b runs about 30 small PyTorch ops per layer around its seven matrix-vector
 products: norms, rotary, cache writes, masks, residual adds, the activation. Each costs microseconds
 of dispatch, and between layers that Python runs with caches the weight streams just flushed: a
-whole step of it takes 1.2 ms warm and 8 ms interleaved with the layers. cpu_kernels.c's
+whole step of it takes 1.2 ms warm and 8 ms interleaved with the layers. kernels_avx512.c's
 gemma2_decode_layers runs the layers one after another in one call, with the same kernels and the
 same roundings, so its output is bit for bit what Gemma2DecoderLayer's op-by-op path gives
 (tests/test_decode_layer.py).
@@ -17,6 +17,7 @@ hooks, or a layer whose quantized projections meet NaN or infinite activations).
 from __future__ import annotations
 
 import ctypes
+import logging
 import weakref
 from collections.abc import Iterable
 from functools import lru_cache
@@ -25,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.modules.module as torch_modules
 
-from gemma2 import cpu_kernels
+from gemma2.backends.cpu import kernels as cpu_kernels
+from gemma2.backends.cpu.layers import NativeLinear
 from gemma2.cache import Gemma2Cache
-from gemma2.cpu_kernels import Linear
-from gemma2.quantization import Int4Linear, Int8Linear
+from gemma2.quant import Int4Linear, Int8Linear
 
 if TYPE_CHECKING:
     from gemma2.cache import CacheStep
-    from gemma2.model import AttentionInputs, Gemma2DecoderLayer
+    from gemma2.model import AttentionInputs, Gemma2DecoderLayer, Gemma2Model
+
+logger = logging.getLogger(__name__)
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -113,7 +116,7 @@ def _linear(module: Any) -> _Linear | None:
         return None
     bias_ptr = None if bias is None else bias.data_ptr()
     kind = type(module)
-    if kind is Linear:
+    if kind is NativeLinear:  # a plain nn.Linear would run F.linear op by op: not the same roundings
         weight = module.weight
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 32:
             return None
@@ -305,3 +308,32 @@ def decode_layers(
         torch.get_num_threads(),
     )
     return (out if done else h), done
+
+
+def decode_step(
+    model: Gemma2Model, h: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache
+) -> tuple[torch.Tensor, int]:
+    """The model's decode-step hook (Gemma2Model.decode_step): its leading layers in one native call."""
+    return decode_layers(model.layers, h, inputs, cache)
+
+
+def plan(model: Gemma2Model) -> list[int]:
+    """Describe every layer once for the native call; returns the layers it cannot take (logged once).
+
+    The descriptions are kept (keyed by the modules and tensors they point into) and rebuilt only
+    when one of those changes, e.g. after quantizing or merging LoRA weights.
+    """
+    falling_back = []
+    with torch.no_grad():
+        for index, layer in enumerate(model.layers):
+            if _layer_description(layer) is None:  # type: ignore[arg-type]
+                falling_back.append(index)
+    if falling_back:
+        first = falling_back[0]
+        logger.info(
+            "gemma2: the native decode step runs layers 0-%d; layers %s run op by op (a projection or norm it "
+            "does not know, e.g. LoRA, float32 or an odd size)",
+            first - 1,
+            ", ".join(map(str, falling_back)),
+        )
+    return falling_back

@@ -1,205 +1,45 @@
-"""Native matrix-vector kernels for CPU decoding, and the Linear layer that uses them.
+"""Native kernels for CPU decoding as tensor functions, each with the check of where it applies.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. PyTorch's bf16
 matmul reaches about 60 % of it for a single row on AVX-512 CPUs, and its weight-only int8/int4
-kernels less. cpu_kernels.c reads each weight row once for up to MAX_ROWS activation rows and
-runs close to the bandwidth of a plain reduction (see `gemma2 bench`).
+kernels less. The C kernels (kernels_avx512.c) read each weight row once for up to MAX_ROWS
+activation rows and run close to the bandwidth of a plain reduction (see `gemma2 bench`).
 
-The C file ships with the package and is compiled on first use with the system C compiler into
-the cache (keyed by its sha256), then loaded with ctypes. Everything falls back to PyTorch's own
-kernels when the library cannot be used: not x86-64 Linux, no AVX-512 BF16, no compiler, or
-GEMMA2_NATIVE_KERNELS=0. The bf16 kernel only runs where they are exact stand-ins for F.linear in
-bf16: CPU tensors, bf16 activations, no autograd, at most MAX_ROWS rows, K a multiple of 32.
+Each function runs only where it is an exact stand-in for the PyTorch op it replaces: CPU tensors,
+bf16 activations, no autograd, decode-sized inputs (the `*_applies` checks), and the library
+loaded (library.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-logger = logging.getLogger(__name__)
+from gemma2.backends.cpu.library import (
+    CPU_FEATURES,
+    FLAGS,
+    MAX_ROWS,
+    SMALL_OP_ROWS,
+    SOURCE,
+    _cpu_supports_kernels,
+    _library,
+    available,
+    load_variant,
+    variant,
+)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-SCALAR_SOURCE = Path(__file__).with_name("cpu_kernels_scalar.c")
-MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in cpu_kernels.c and cpu_kernels_scalar.c
-SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
-FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
-SCALAR_FLAGS = ["-O2", "-fopenmp", "-shared", "-fPIC"]
-# Which variant _library() loads: "auto" (the default) is avx512 where the CPU has it and PyTorch's
-# kernels elsewhere, since the scalar variant is a portable correctness reference, not a fast path.
-# GEMMA2_NATIVE_KERNELS=0 (the older switch) means "off" too.
-VARIANT_ENV = "GEMMA2_CPU_KERNELS"
-VARIANT_CHOICES = ("auto", "avx512", "scalar", "off")
-
-_c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One build of the kernels: the same entry points (and ABI) from another C source."""
-
-    source: Path
-    flags: tuple[str, ...]
-    cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo names it needs on x86-64 Linux; () runs anywhere
-    optional_flags: tuple[str, ...] = ()  # dropped on a second try when the compiler rejects them
-
-
-VARIANTS = {
-    "avx512": Variant(SOURCE, tuple(FLAGS), CPU_FEATURES),
-    # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
-    "scalar": Variant(SCALAR_SOURCE, tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
-}
-
-_loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
-
-
-def _cpu_supports_kernels(features: tuple[str, ...] = CPU_FEATURES) -> bool:
-    if not features:
-        return True
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {feature}" in flags for feature in features)
-
-
-def _build(directory: Path, name: str = "avx512") -> Path:
-    """Compile variant `name` into directory (atomically: a half-written library never appears)."""
-    variant = VARIANTS[name]
-    library = directory / "libgemma2_cpu.so"
-    if library.exists():
-        return library
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC)")
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        partial = Path(scratch) / library.name
-        attempts = [variant.flags]
-        if variant.optional_flags:
-            attempts.append(tuple(flag for flag in variant.flags if flag not in variant.optional_flags))
-        for flags in attempts:
-            result = subprocess.run(
-                [compiler, *flags, str(variant.source), "-o", str(partial), "-lm"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode == 0:
-                break
-        else:
-            raise OSError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(partial, library)
-    return library
-
-
-def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    """Set the argument and result types of every entry point (the same for every variant)."""
-    library.gemma2_linear_int8.restype = library.gemma2_linear_int4.restype = ctypes.c_int
-    library.gemma2_linear_bf16.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
-    library.gemma2_linear_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
-    library.gemma2_linear_int4.argtypes = [
-        *(_c_ptr,) * 4,
-        *(_c_int64,) * 4,
-        ctypes.c_int,
-    ]
-    library.gemma2_dequantize_int4.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, _c_int64, ctypes.c_int]
-    library.gemma2_decode_attention.argtypes = [
-        *(_c_ptr,) * 5,
-        _c_int64,
-        _c_ptr,
-        _c_int64,
-        _c_ptr,
-        _c_int64,
-        _c_ptr,
-        *(_c_int64,) * 7,
-        ctypes.c_float,
-        ctypes.c_float,
-        ctypes.c_int,
-    ]
-    library.gemma2_dequantize_int8.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_int]
-    library.gemma2_rms_norm.argtypes = [_c_ptr, _c_ptr, _c_ptr, _c_int64, _c_int64, ctypes.c_float]
-    library.gemma2_rotary.argtypes = [*(_c_ptr,) * 4, *(_c_int64,) * 4]
-    library.gemma2_decode_layers.argtypes = [_c_int64, *(_c_ptr,) * 5, _c_int64, ctypes.c_int]
-    library.gemma2_decode_layers.restype = _c_int64
-    library.gemma2_soft_cap.argtypes = [_c_ptr, _c_ptr, _c_int64, ctypes.c_float, ctypes.c_int]
-    library.gemma2_argmax_bf16.argtypes = [_c_ptr, _c_int64, _c_int64, _c_ptr]
-    return library
-
-
-def load_variant(name: str) -> ctypes.CDLL:
-    """Build (once, into the cache) and load variant `name` of the kernels, whatever GEMMA2_CPU_KERNELS says.
-
-    Raises ValueError for an unknown name and OSError where it cannot be built or loaded, or where
-    this CPU lacks the instructions it needs. Loading one variant does not change which one
-    _library() uses, so tests can call two side by side.
-    """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown CPU kernel variant {name!r}: expected one of {', '.join(VARIANTS)}")
-    if name in _loaded:
-        return _loaded[name]
-    variant = VARIANTS[name]
-    if not _cpu_supports_kernels(variant.cpu_features):
-        raise OSError(f"the {name} kernels need x86-64 Linux with {', '.join(variant.cpu_features)}")
-    from gemma2.assets import cache_dir
-
-    # The variant, its source and its flags all go into the key: each build gets its own directory.
-    key = name.encode() + b"\0" + variant.source.read_bytes() + " ".join(variant.flags).encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    library = _declare(ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest, name))))
-    _loaded[name] = library
-    return library
-
-
-def _requested_variant() -> str:
-    """GEMMA2_CPU_KERNELS (auto, avx512, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
-    raw = os.environ.get(VARIANT_ENV, "auto")
-    value = raw.strip().lower() or "auto"
-    if value not in VARIANT_CHOICES:
-        raise ValueError(f"{VARIANT_ENV}={raw!r} is not one of {', '.join(VARIANT_CHOICES)}")
-    return "off" if os.environ.get("GEMMA2_NATIVE_KERNELS", "1") == "0" else value
-
-
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
-    """The kernels GEMMA2_CPU_KERNELS selects, or None for PyTorch's own (a failed build warns)."""
-    name = _requested_variant()
-    if name == "auto":
-        name = "avx512" if _cpu_supports_kernels(VARIANTS["avx512"].cpu_features) else "off"
-    if name == "off":
-        return None
-    try:
-        return load_variant(name)
-    except OSError as error:
-        logger.warning("gemma2: native CPU kernels unavailable, using PyTorch's (%s)", error)
-        return None
-
-
-def variant() -> str | None:
-    """Which variant _library() loaded ("avx512" or "scalar"), or None when it uses PyTorch's kernels."""
-    library = _library()
-    return next((name for name, loaded in _loaded.items() if loaded is library), None)
-
-
-def available() -> bool:
-    """Whether native kernels (of the selected variant) are compiled, loaded and usable on this CPU."""
-    return _library() is not None
+# The loader's names, for callers that want the kernels and their library in one place.
+__all__ = [
+    "CPU_FEATURES",
+    "FLAGS",
+    "MAX_ROWS",
+    "SMALL_OP_ROWS",
+    "SOURCE",
+    "_cpu_supports_kernels",
+    "_library",
+    "available",
+    "load_variant",
+    "variant",
+]
 
 
 def row_count(x: torch.Tensor) -> int:
@@ -447,13 +287,3 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[:-1], dtype=torch.int64)
     library.gemma2_argmax_bf16(logits.data_ptr(), row_count(logits), logits.shape[-1], out.data_ptr())
     return out
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) whose decode-sized bf16 calls run natively."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype != torch.bfloat16 or not applies(x, self.weight):
-            return F.linear(x, self.weight, self.bias)
-        out = linear_bf16(x, self.weight)
-        return out if self.bias is None else out + self.bias

@@ -1,0 +1,104 @@
+"""What the CPU backend installs into a built model: modules and functions with the core's signatures.
+
+Each runs its native kernel (kernels.py) where that is an exact stand-in for the PyTorch op, and
+the core's own op everywhere else (prompts, training, float32, other devices).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma2.attention import MaskSpec, attention
+from gemma2.backends.cpu import kernels
+from gemma2.heads import soft_cap
+from gemma2.model import Gemma2RMSNorm, apply_rotary
+from gemma2.quant import Int4Linear, Int8Linear
+
+
+class NativeLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose decode-sized bf16 calls run natively."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.bfloat16 or not kernels.applies(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        out = kernels.linear_bf16(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+class NativeRMSNorm(Gemma2RMSNorm):
+    """Gemma2RMSNorm whose decode-sized bf16 calls run natively (the reference's roundings)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.rms_norm_applies(x, self.weight):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def native_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary, natively for one token's heads (bit-identical)."""
+    if kernels.rotary_applies(x, cos, sin):
+        return kernels.rotary(x, cos, sin)
+    return apply_rotary(x, cos, sin)
+
+
+def native_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: MaskSpec,
+    scaling: float,
+    softcap: float | None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """The eager attention, with one new token per row read natively from the cache (same roundings)."""
+    if dropout == 0.0 and mask.query_segments is None and kernels.decode_attention_applies(query, key, value):
+        return kernels.decode_attention(
+            query,
+            key,
+            value,
+            mask.key_positions,
+            mask.query_positions[:, 0],
+            mask.window,
+            mask.key_padding,
+            scaling,
+            softcap,
+        )
+    return attention(query, key, value, mask, scaling, softcap, dropout)
+
+
+def native_soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The final soft-cap, natively for a decode step's logits (bit-identical)."""
+    if cap is not None and kernels.logits_op_applies(logits):
+        return kernels.soft_cap(logits, cap)
+    return soft_cap(logits, cap)
+
+
+def quantized_decode(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """A quantized layer's decode-sized matmul (no bias); None where the kernel does not apply.
+
+    Non-finite activations cannot go through the integer kernels: they take the exact float path.
+    """
+    if not kernels.applies(x, layer.weight_scale):
+        return None
+    scale = layer.weight_scale.float()
+    if isinstance(layer, Int8Linear):
+        out = kernels.linear_int8(x, layer.weight, scale)
+    else:
+        out = kernels.linear_int4(x, layer.weight, scale, layer.group_size)
+    return layer.expanded_linear(x) if out is None else out
+
+
+def quantized_expand(layer: Any, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Weight rows lo:hi expanded to bf16 natively (bit-identical to the Python expansion)."""
+    if dtype != torch.bfloat16 or layer.weight.device.type != "cpu":
+        return None
+    q, scale = layer.weight[lo:hi], layer.weight_scale[lo:hi].float()
+    if isinstance(layer, Int4Linear):
+        return kernels.dequantize_int4(q.contiguous(), scale.contiguous(), layer.group_size)
+    if q.shape[1] % 16:
+        return None
+    return kernels.dequantize_int8(q, scale)
