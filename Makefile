@@ -6,14 +6,20 @@ TORCH := torch==2.13.0
 
 .PHONY: venv run test test-slow lint format clean
 
+# What the main job needs: torch (CPU build), the package, the tokenizer and the native kernels.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build first (a file on this machine's disk); the package's torch>=2.4 is then satisfied.
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test,dev]"
+	$(BIN)/pip install --quiet -e .
 	# The real Gemma tokenizer, from the maxtext wheel on PyPI, checked by sha256 and cached.
-	$(BIN)/python -m gemma2.assets
+	$(BIN)/python -m gemma2.io.assets
+	touch $@
+
+# The tests and lint add the oracle (transformers), orbax with jax, peft, pytest, ruff and mypy.
+$(BIN)/.installed-dev: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e ".[test,dev]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -22,18 +28,18 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/gemma2 generate --repetition-penalty 1.1 --max-new-tokens 80 "os.path.join(a, *p)"
 
-test: venv
+test: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -m "not slow and not gpu"
 
-test-slow: venv
+test-slow: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -m "slow"
 
-lint: venv
+lint: $(BIN)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
-format: venv
+format: $(BIN)/.installed-dev
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 

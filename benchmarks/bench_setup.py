@@ -87,7 +87,7 @@ def write_random_checkpoint(directory: Path, config: Gemma2Config) -> int:
     import torch
 
     from gemma2 import Gemma2ForCausalLM
-    from gemma2.checkpoint import parse_size, write_safetensors
+    from gemma2.io.checkpoint import parse_size, write_safetensors
 
     with torch.device("meta"):
         skeleton = Gemma2ForCausalLM(config)
@@ -104,7 +104,7 @@ def write_random_checkpoint(directory: Path, config: Gemma2Config) -> int:
 
 def checkpoint_weight_bytes(directory: Path) -> int:
     """Bytes of all tensors in a directory's safetensors files, read from their headers."""
-    from gemma2.checkpoint import safetensors_header
+    from gemma2.io.checkpoint import safetensors_header
 
     total = 0
     for file in sorted(directory.glob("*.safetensors")):
@@ -151,7 +151,7 @@ class BandwidthProbe:
     def __init__(self, gib: float = 0.25, repeats: int = 3) -> None:
         import torch
 
-        from gemma2.weight_memory import empty_bytes
+        from gemma2.io.weight_memory import empty_bytes
 
         self.tensor = empty_bytes(int(gib * 2**30) // 4 * 4).view(torch.float32).fill_(1.0)
         self.repeats = repeats

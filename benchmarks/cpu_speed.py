@@ -41,7 +41,7 @@ decode, batch8, ctx4096, which keep their names in the JSON whatever the lengths
   Two untimed short generations (batch 1 and batch 8) come first, so first-call setup is not timed.
 
 The machine: read bandwidth (median of sums over a 1 GiB float32 tensor on huge pages, the memory
-gemma2 loads weights into: see gemma2.weight_memory) and bf16 matmul throughput
+gemma2 loads weights into: see gemma2.io.weight_memory) and bf16 matmul throughput
 (2048 x 2048 x 2048 `F.linear`). Decode of one token reads every weight once, so
 `decode_bytes_per_token(model)` / bandwidth bounds batch-1 decode (weights only: the KV cache and
 activations are not counted). The bandwidth of a shared machine drifts within seconds, so each

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from gemma2 import Gemma2ForCausalLM, Gemma2Tokenizer
 from gemma2.cache import Gemma2Cache
-from gemma2.default_model import BUNDLED
+from gemma2.io.default_model import BUNDLED
 from gemma2.recipes.demo import SEQ_LEN, is_held_out, stdlib_documents
 
 VARIANTS = [("bf16", None, None), ("int8", "int8", None)] + [(f"int4 g{g}", "int4", g) for g in (64, 128, 256)]

@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import gemma2
-import gemma2.checkpoint
-from gemma2.checkpoint import parse_size
+import gemma2.io.checkpoint
+from gemma2.io.checkpoint import parse_size
 
 TOL = 1e-5
 
@@ -758,7 +758,7 @@ class _DiskFull(OSError):
 
 def failing_save_file(monkeypatch: pytest.MonkeyPatch, fail_on_call: int) -> list[str]:
     """Make gemma2's safetensors writer fail on its n-th call (1-based) after writing half a file."""
-    real = gemma2.checkpoint.save_file
+    real = gemma2.io.checkpoint.save_file
     calls: list[str] = []
 
     def fake(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
@@ -768,7 +768,7 @@ def failing_save_file(monkeypatch: pytest.MonkeyPatch, fail_on_call: int) -> lis
             raise _DiskFull(28, "No space left on device")
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(gemma2.checkpoint, "save_file", fake)
+    monkeypatch.setattr(gemma2.io.checkpoint, "save_file", fake)
     return calls
 
 
@@ -836,7 +836,7 @@ def test_failure_while_moving_files_in_leaves_existing_directory_unchanged(
     target = tmp_path / "model"
     ours_random("causal", config, seed=1).save_pretrained(target, max_shard_size=first)
     before = snapshot(target)
-    real = gemma2.checkpoint.os.rename
+    real = gemma2.io.checkpoint.os.rename
     calls: list[str] = []
 
     def flaky_rename(src: Any, dst: Any) -> None:
@@ -845,7 +845,7 @@ def test_failure_while_moving_files_in_leaves_existing_directory_unchanged(
             raise _DiskFull(5, "Input/output error")
         real(src, dst)
 
-    monkeypatch.setattr(gemma2.checkpoint.os, "rename", flaky_rename)
+    monkeypatch.setattr(gemma2.io.checkpoint.os, "rename", flaky_rename)
     # A config that differs in a field, so that every file of the new save differs from the old one.
     newer = ours_random("causal", tiny_config(initializer_range=0.03), seed=2)
     with pytest.raises(OSError):

@@ -26,10 +26,10 @@ from conftest import randomize_, tiny_config
 
 import gemma2
 from gemma2 import Gemma2ForCausalLM, Gemma2Tokenizer
-from gemma2.assets import gemma_tokenizer_model
 from gemma2.cache import cache_memory_bytes
 from gemma2.cli import main
-from gemma2.default_model import BUNDLED, BUNDLED_NOTICE, RANDOM_NOTICE
+from gemma2.io.assets import gemma_tokenizer_model
+from gemma2.io.default_model import BUNDLED, BUNDLED_NOTICE, RANDOM_NOTICE
 
 GEMMA2 = Path(sys.executable).parent / "gemma2"
 N = 6  # new tokens per generation: enough to tell outputs apart, cheap with a 256000-token vocabulary
@@ -295,7 +295,7 @@ def test_generate_without_model_uses_the_bundled_demo_model(cache_env: dict[str,
 def test_the_random_fallback_when_no_model_is_bundled(
     monkeypatch: pytest.MonkeyPatch, cache_env: dict[str, str]
 ) -> None:
-    import gemma2.default_model as default
+    import gemma2.io.default_model as default
 
     monkeypatch.setenv("GEMMA2_CACHE", cache_env["GEMMA2_CACHE"])
     monkeypatch.setattr(default, "BUNDLED", Path(cache_env["GEMMA2_CACHE"]) / "no-such-bundle")

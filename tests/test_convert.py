@@ -36,8 +36,8 @@ from safetensors import safe_open
 
 import gemma2
 from gemma2 import CheckpointError, ConfigError, Gemma2Config, Gemma2Error
-from gemma2.assets import gemma_tokenizer_model
 from gemma2.convert import ConversionSummary, convert_checkpoint
+from gemma2.io.assets import gemma_tokenizer_model
 
 GEMMA2 = Path(sys.executable).parent / "gemma2"
 TOL = 1e-5

@@ -238,7 +238,7 @@ def test_streaming_real_byte_fallback_pieces_never_emits_broken_utf8(tmp_path) -
     import shutil
 
     from gemma2 import Gemma2Tokenizer
-    from gemma2.assets import gemma_tokenizer_model
+    from gemma2.io.assets import gemma_tokenizer_model
 
     shutil.copyfile(gemma_tokenizer_model(), tmp_path / "tokenizer.model")
     tok = Gemma2Tokenizer.from_pretrained(tmp_path)

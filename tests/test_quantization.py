@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from gemma2 import CheckpointError, Gemma2Cache, Gemma2ForCausalLM, InputError
 from gemma2 import quant as qz
 from gemma2.backends.cpu import kernels as cpu_kernels
-from gemma2.default_model import BUNDLED
+from gemma2.io.default_model import BUNDLED
 from gemma2.quant import Int4Linear, Int8Embedding, Int8Linear
 from gemma2.tokenizer import Gemma2Tokenizer
 

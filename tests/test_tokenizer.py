@@ -25,7 +25,7 @@ import torch
 
 import gemma2
 from gemma2 import ChatFormatError, Gemma2Error, Gemma2Tokenizer, TokenizerError
-from gemma2.assets import gemma_tokenizer_model
+from gemma2.io.assets import gemma_tokenizer_model
 from gemma2.tokenizer import GEMMA_CHAT_TEMPLATE
 
 SPECIAL_NAMES = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")

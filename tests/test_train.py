@@ -135,7 +135,7 @@ def test_bf16_autocast_training_runs_and_learns() -> None:
 def test_gemma2_train_fine_tunes_and_writes_a_loadable_directory(tmp_path, capsys) -> None:
     from gemma2 import Gemma2Tokenizer, stream
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"Line {i}: the quick brown fox."}) for i in range(40)) + "\n")
@@ -181,7 +181,7 @@ def test_gemma2_train_fine_tunes_and_writes_a_loadable_directory(tmp_path, capsy
 )
 def test_bad_data_files_name_the_file_and_line(tmp_path, capsys, content: str, message: str) -> None:
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "data.jsonl"
     data.write_text(content)
@@ -194,7 +194,7 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, capsys, content: str, m
 
 def test_gemma2_train_with_lora_writes_an_adapter_or_merged_weights(tmp_path, capsys) -> None:
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "data.txt"
     data.write_text("A different text to adapt to. " * 30)
@@ -229,7 +229,7 @@ def _synthetic_sentiment(path, count: int, seed: int) -> None:
 def test_sequence_classification_learns_well_above_chance(tmp_path, capsys) -> None:
     from gemma2 import Gemma2ForSequenceClassification
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     _synthetic_sentiment(tmp_path / "train.jsonl", 200, seed=0)
     _synthetic_sentiment(tmp_path / "eval.jsonl", 60, seed=1)
@@ -256,7 +256,7 @@ def test_token_classification_trains_from_tokens_and_tags(tmp_path, capsys) -> N
 
     from gemma2 import Gemma2ForTokenClassification
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     rng = random.Random(0)
     words = ["open", "file", "path", "list", "read", "value", "data", "name"]
@@ -282,7 +282,7 @@ def test_token_classification_trains_from_tokens_and_tags(tmp_path, capsys) -> N
 
 def test_classification_data_errors_name_the_line(tmp_path, capsys) -> None:
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "fine", "label": "a"}\n{"text": "no label"}\n')
@@ -320,7 +320,7 @@ def test_classification_data_errors_name_the_line(tmp_path, capsys) -> None:
 
 def test_chat_targets_are_the_model_turns_only() -> None:
     from gemma2 import Gemma2Tokenizer
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
     from gemma2.train.chat import encode_conversations
 
     tok = Gemma2Tokenizer.from_pretrained(BUNDLED)
@@ -339,7 +339,7 @@ def test_chat_targets_are_the_model_turns_only() -> None:
 
 def test_gemma2_train_chat_lowers_the_loss_on_model_turns(tmp_path, capsys) -> None:
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "chat.jsonl"
     rows = [
@@ -405,7 +405,7 @@ def test_resume_without_saved_state_is_a_clear_error(tmp_path) -> None:
 
 def test_gemma2_train_resume_from_the_command_line(tmp_path, capsys, monkeypatch) -> None:
     from gemma2.cli import main
-    from gemma2.default_model import BUNDLED
+    from gemma2.io.default_model import BUNDLED
 
     data = tmp_path / "data.txt"
     data.write_text("Resume me, exactly as if nothing had happened. " * 40)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gemma2 import weight_memory
-from gemma2.checkpoint import CheckpointReader
 from gemma2.errors import CheckpointError
+from gemma2.io import weight_memory
+from gemma2.io.checkpoint import CheckpointReader
 
 
 def test_empty_bytes_gives_writable_memory_of_the_size_asked() -> None:

@@ -403,7 +403,7 @@ class Gemma2Config:
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> Gemma2Config:
         """Read a directory's config.json, a config.json file, or a hub repository's config."""
-        from gemma2.checkpoint import resolve_checkpoint_dir
+        from gemma2.io.checkpoint import resolve_checkpoint_dir
 
         path = Path(path)
         if path.is_file():
@@ -487,7 +487,7 @@ class Gemma2Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_json_file(self, path: str | Path) -> None:
-        from gemma2.checkpoint import atomic_write_text
+        from gemma2.io.checkpoint import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json_string())
 

@@ -83,7 +83,9 @@ class Engine:
         context = model.config.max_position_embeddings
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if max_length is not None and (not isinstance(max_length, int) or not 1 <= max_length <= context):
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= context
+        ):
             raise InputError(
                 f"max_length must be an integer in [1, {context}] (the context length), got {max_length!r}"
             )
@@ -135,6 +137,8 @@ class Engine:
             )
         if request_id is None:
             request_id = next(self._ids)
+            while request_id in self.requests:  # automatic ids skip the ids callers chose
+                request_id = next(self._ids)
         if request_id in self.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         stops = set() if params.ignore_eos else set(self.default_stops)

@@ -13,9 +13,7 @@ No I/O here: `stream` yields text for the caller to print.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,18 +25,6 @@ from gemma2.sampling import SamplingParams, SamplingSettings
 if TYPE_CHECKING:
     from gemma2.heads import Gemma2ForCausalLM
     from gemma2.tokenizer import Gemma2Tokenizer
-
-
-def read_generation_config(directory: Path) -> dict[str, Any]:
-    """generation_config.json of a checkpoint directory, or {} when it has none."""
-    path = directory / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def stop_token_ids(model: Gemma2ForCausalLM, eos_token_id: int | Sequence[int] | None = None) -> list[int]:

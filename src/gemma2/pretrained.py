@@ -1,17 +1,9 @@
-"""Gemma2PreTrainedModel: weight initialisation, from_pretrained and save_pretrained.
-
-Loading builds the model on the meta device (no random initialisation: for gemma-2-2b that alone
-costs tens of seconds), checks every checkpoint key and shape against the model before reading a
-byte of tensor data, then reads each tensor memory-mapped, converts its dtype and assigns it.
+"""Gemma2PreTrainedModel: the base of the backbone and the heads; weight initialisation and the
+familiar from_pretrained / save_pretrained, which read and write through gemma2.io.loading.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,46 +11,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from gemma2.checkpoint import (
-    AtomicDirectory,
-    CheckpointError,
-    CheckpointReader,
-    parse_size,
-    resolve_checkpoint_dir,
-    resolve_dtype,
-    write_safetensors,
-)
 from gemma2.config import Gemma2Config
-from gemma2.errors import InputError
-from gemma2.generation import read_generation_config
-
-logger = logging.getLogger("gemma2")
 
 ModelT = TypeVar("ModelT", bound="Gemma2PreTrainedModel")
-
-# Checkpoint keys that are safe to skip: the tied LM head (the embedding is the head), rotary
-# buffers some old checkpoints saved, and a head's weights when loading a different head.
-_IGNORABLE = ("lm_head.weight", "rotary_emb.inv_freq", "score.weight", "score.bias")
-
-
-@contextmanager
-def skeleton_construction() -> Iterator[None]:
-    """Build modules on the meta device without running any initialiser.
-
-    Every value will come from the checkpoint, so initialising is wasted work; and torch's meta
-    kernels for random fills are Python code whose first use imports torch._dynamo (over a second).
-    The initialisers are swapped for no-ops only while the skeleton is built (not thread-safe).
-    """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "zeros_", "ones_", "constant_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
 
 
 @dataclass
@@ -195,138 +150,24 @@ class Gemma2PreTrainedModel(nn.Module):
         full-precision one after loading (see gemma2.quant). `backend` picks the kernels it runs
         (gemma2.backends: "auto", "cpu" or "torch"), applied last.
         """
-        from gemma2 import quant as quantization
-        from gemma2.backends import BACKENDS, apply_backend
+        from gemma2.io.loading import load_pretrained
 
-        if backend not in BACKENDS:
-            raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-
-        if group_size is not None and quantize is None:
-            raise InputError("group_size applies only with quantize='int4'")
-        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype)
-        directory = resolve_checkpoint_dir(path, revision=revision, cache_dir=cache_dir, token=token)
-        if config is None:
-            config = Gemma2Config.from_json_file(directory / "config.json")
-        if config_overrides:
-            config = config.replace(**config_overrides)
-        reader = CheckpointReader(directory)
-        with skeleton_construction():
-            model = cls(config)
-            stored_quantized = config.extra.get("quantization_config")
-            if stored_quantized is not None:
-                quantization.prepare_for_loading(model, stored_quantized, str(directory / "config.json"))
-        fixed_dtypes = quantization.stored_dtype_tensors(model)
-        plan = model._plan_loading(reader, ignore_mismatched_sizes, fixed_dtypes)
-        if target_dtype is None:
-            stored = {reader.dtype(key) for name, key in plan.sources.items() if name not in fixed_dtypes}
-            floating = sorted((d for d in stored if d.is_floating_point), key=str)
-            target_dtype = floating[0] if len(floating) == 1 else torch.float32
-        device = torch.device(device)
-        wanted = {
-            name: target_dtype if reader.dtype(key).is_floating_point and name not in fixed_dtypes else None
-            for name, key in plan.sources.items()
-        }
-        state: dict[str, torch.Tensor] = {}
-        if device.type == "cpu":
-            # Not left memory-mapped: decoding reads weights faster from huge pages (weight_memory).
-            # Filling fresh pages is most of the work, and it runs in parallel outside the GIL.
-            with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-                tensors = pool.map(lambda name: reader.read(plan.sources[name], wanted[name]), list(wanted))
-                state = dict(zip(wanted, tensors, strict=True))
-        else:
-            for name, key in plan.sources.items():
-                tensor = reader.get(key)
-                state[name] = (tensor if wanted[name] is None else tensor.to(wanted[name])).to(device)
-        model.load_state_dict(state, strict=False, assign=True)
-        model._materialize_missing(plan.new, target_dtype, device)
-        model.tie_weights()
-        model.config.dtype = str(target_dtype).removeprefix("torch.")
-        model.loading_info = LoadingInfo(newly_initialized=plan.new, ignored=plan.ignored, mismatched=plan.mismatched)
-        model.generation_config = read_generation_config(directory)
-        if plan.new:
-            logger.warning(
-                "%s: newly initialised (not in the checkpoint at %s): %s. Train them before use.",
-                cls.__name__,
-                directory,
-                ", ".join(plan.new),
-            )
-        if plan.ignored:
-            logger.info("%s: ignored checkpoint keys: %s", cls.__name__, ", ".join(plan.ignored))
-        if quantize is not None:
-            if stored_quantized is not None:
-                raise CheckpointError(
-                    f"{directory}: the checkpoint is already quantized; load it as it is (no quantize / --quantize)"
-                )
-            quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE)
-        apply_backend(model, backend)
-        return model.eval()
-
-    def _plan_loading(
-        self, reader: CheckpointReader, ignore_mismatched: bool, fixed_dtypes: dict[str, torch.dtype]
-    ) -> _LoadPlan:
-        """Match checkpoint keys to parameter names and check shapes, reading no tensor data."""
-        cls, config = type(self), self.config
-        params = self.checkpoint_state_dict()
-        expected = {name: tuple(t.shape) for name, t in params.items()}
-        prefix = cls.base_model_prefix
-        plan = _LoadPlan()
-        for key in reader.keys():
-            name = _adapt_key(key, prefix)
-            if name in expected:
-                plan.sources[name] = key
-            elif name.removeprefix("model.").startswith(_IGNORABLE) or name.startswith(_IGNORABLE):
-                plan.ignored.append(key)
-            else:
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: unexpected tensor {key!r} (not a parameter of {cls.__name__} "
-                    f"with {config.num_hidden_layers} layers)"
-                )
-        for name, shape in expected.items():
-            if name not in plan.sources:
-                if name in cls.head_keys:
-                    plan.new.append(name)
-                    continue
-                raise CheckpointError(f"{reader.directory}: checkpoint is missing tensor {name!r}")
-            key = plan.sources[name]
-            stored_dtype = reader.dtype(key)
-            if name in fixed_dtypes and stored_dtype != fixed_dtypes[name]:
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: quantized tensor {key!r} is stored as {stored_dtype}, "
-                    f"expected {fixed_dtypes[name]}"
-                )
-            if params[name].is_floating_point() and not stored_dtype.is_floating_point:
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: tensor {key!r} is stored as {stored_dtype}, expected floating point"
-                )
-            found = reader.shape(key)
-            if found != shape:
-                if ignore_mismatched and name in cls.head_keys:
-                    del plan.sources[name]
-                    plan.new.append(name)
-                    plan.mismatched.append(name)
-                    continue
-                raise CheckpointError(
-                    f"{reader.file_of(key)}: tensor {key!r} has shape {list(found)}, expected {list(shape)} "
-                    f"from the config"
-                )
-        return plan
-
-    def _materialize_missing(self, names: list[str], dtype: torch.dtype, device: torch.device) -> None:
-        """Give freshly initialised values to head parameters the checkpoint did not have.
-
-        Only the missing parameters themselves: a loaded score.weight keeps its values when only
-        score.bias is new (a sequence-classification checkpoint loaded as a token classifier).
-        """
-        modules = dict(self.named_modules())
-        for name in names:
-            module_name, _, attr = name.rpartition(".")
-            module = modules[module_name]
-            fresh = torch.empty(getattr(module, attr).shape, dtype=dtype, device=device)
-            if attr == "bias":
-                nn.init.zeros_(fresh)
-            else:
-                nn.init.normal_(fresh, mean=0.0, std=self.config.initializer_range)
-            setattr(module, attr, nn.Parameter(fresh))
+        return load_pretrained(
+            cls,
+            path,
+            config=config,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            torch_dtype=torch_dtype,
+            quantize=quantize,
+            group_size=group_size,
+            backend=backend,
+            **config_overrides,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Saving
@@ -336,39 +177,10 @@ class Gemma2PreTrainedModel(nn.Module):
 
         Everything is written to a temporary directory first: a failure leaves nothing half-written.
         """
-        max_bytes = parse_size(max_shard_size)
-        tensors = {k: v.detach().contiguous() for k, v in self.checkpoint_state_dict().items()}
-        if any(t.device.type == "meta" for t in tensors.values()):
-            raise CheckpointError("cannot save a model whose weights are still on the meta device")
-        config = self.config.replace(architectures=[type(self).__name__], dtype=str(self.dtype).removeprefix("torch."))
-        with AtomicDirectory(directory) as tmp:
-            write_safetensors(tmp, tensors, max_bytes)
-            (tmp / "config.json").write_text(config.to_json_string(), encoding="utf-8")
-            generation = self.generation_config_dict()
-            if generation is not None:
-                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        from gemma2.io.loading import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size)
 
     def generation_config_dict(self) -> dict[str, Any] | None:
         """generation_config.json contents for models that generate text (the causal LM)."""
         return None
-
-
-@dataclass
-class _LoadPlan:
-    sources: dict[str, str] = field(default_factory=dict)  # parameter name -> checkpoint key
-    new: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-
-def _adapt_key(key: str, prefix: str) -> str:
-    """Map a checkpoint key to this model's parameter name (backbone and head keys interchange).
-
-    Head checkpoints say "model.layers.0..."; backbone checkpoints say "layers.0...".
-    """
-    backbone = key.startswith(("embed_tokens.", "layers.", "norm."))
-    if prefix and backbone:
-        return f"{prefix}.{key}"
-    if not prefix and key.startswith("model."):
-        return key.removeprefix("model.")
-    return key

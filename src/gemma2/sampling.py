@@ -27,6 +27,8 @@ class SamplingSettings:
         """Raise InputError for settings that cannot work, before any model work is done."""
         if self.do_sample and not self.temperature > 0:
             raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise InputError(f"top_k must be an integer (0 disables it), got {self.top_k!r}")
         if self.top_k is not None and self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -73,7 +73,7 @@ class _Backend:
 
     @classmethod
     def from_sentencepiece(cls, path: Path) -> _Backend:
-        from gemma2.assets import cache_dir
+        from gemma2.paths import cache_dir
         from gemma2.sentencepiece_bpe import SentencePieceError, converted_tokenizer_file
 
         try:
@@ -182,7 +182,7 @@ class Gemma2Tokenizer:
         if local.is_file():
             directory, files = local.parent, [local.name]
         else:
-            from gemma2.checkpoint import CheckpointError, resolve_checkpoint_dir
+            from gemma2.io.checkpoint import CheckpointError, resolve_checkpoint_dir
 
             try:
                 directory = resolve_checkpoint_dir(path)

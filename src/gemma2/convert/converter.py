@@ -24,16 +24,6 @@ from typing import Any
 
 import torch
 
-from gemma2.checkpoint import (
-    AtomicDirectory,
-    CheckpointReader,
-    check_new_output,
-    parse_size,
-    plan_shards,
-    resolve_dtype,
-    shard_file_names,
-    write_index,
-)
 from gemma2.config import PRESETS, Gemma2Config
 from gemma2.convert import layouts
 from gemma2.convert.sources import (
@@ -45,6 +35,16 @@ from gemma2.convert.sources import (
     release_pages,
 )
 from gemma2.errors import CheckpointError, ConfigError
+from gemma2.io.checkpoint import (
+    AtomicDirectory,
+    CheckpointReader,
+    check_new_output,
+    parse_size,
+    plan_shards,
+    resolve_dtype,
+    shard_file_names,
+    write_index,
+)
 
 END_OF_TURN = 107
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}

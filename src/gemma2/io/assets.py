@@ -4,7 +4,7 @@ The Gemma tokenizer (the same tokenizer.model as Google's and the hub's) is publ
 inside the pure-Python wheel `maxtext==0.2.5`; it is fetched with pip (the one registry every
 machine that installed this package can reach), checked by sha256, and cached.
 
-    python -m gemma2.assets          # fetch now (the Makefile does this while installing);
+    python -m gemma2.io.assets          # fetch now (the Makefile does this while installing);
                                      # also compiles the native CPU kernels (gemma2.backends.cpu)
 
 The cache lives in $GEMMA2_CACHE, else $XDG_CACHE_HOME/gemma2, else ~/.cache/gemma2.
@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from gemma2.errors import Gemma2Error
+from gemma2.paths import cache_dir
 
 TOKENIZER_WHEEL = "maxtext==0.2.5"
 TOKENIZER_MEMBER = "maxtext/assets/tokenizers/tokenizer.gemma"
@@ -30,13 +31,6 @@ TOKENIZER_BYTES = 4241003
 
 class AssetError(Gemma2Error):
     """A cached asset could not be fetched or failed its checksum."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get("GEMMA2_CACHE"):
-        return Path(os.environ["GEMMA2_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "gemma2"
 
 
 def sha256_of(path: Path) -> str:
@@ -53,7 +47,7 @@ def gemma_tokenizer_model(download: bool = True) -> Path:
     if target.exists() and target.stat().st_size == TOKENIZER_BYTES and sha256_of(target) == TOKENIZER_SHA256:
         return target
     if not download:
-        raise AssetError(f"{target}: the Gemma tokenizer is not cached; run `python -m gemma2.assets`")
+        raise AssetError(f"{target}: the Gemma tokenizer is not cached; run `python -m gemma2.io.assets`")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         command = [

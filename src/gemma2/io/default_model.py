@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gemma2.assets import cache_dir, gemma_tokenizer_model
+from gemma2.io.assets import cache_dir, gemma_tokenizer_model
 
-BUNDLED = Path(__file__).parent / "demo_model"
+BUNDLED = Path(__file__).parents[1] / "demo_model"
 BUNDLED_NOTICE = (
     "note: no --model given: using the bundled demo model (a small Gemma 2 trained on Python's documentation)"
 )
@@ -53,9 +53,9 @@ def random_model_dir() -> Path:
 
     import torch
 
-    from gemma2.checkpoint import AtomicDirectory
     from gemma2.config import Gemma2Config
     from gemma2.heads import Gemma2ForCausalLM
+    from gemma2.io.checkpoint import AtomicDirectory
     from gemma2.tokenizer import Gemma2Tokenizer
 
     tokenizer_path = gemma_tokenizer_model()

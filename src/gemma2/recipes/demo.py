@@ -138,7 +138,7 @@ def build(out: Path, minutes: float, seed: int, max_steps: int) -> dict[str, flo
     import torch
 
     from gemma2 import Gemma2Config, Gemma2ForCausalLM, Gemma2Tokenizer
-    from gemma2.checkpoint import AtomicDirectory
+    from gemma2.io.checkpoint import AtomicDirectory
     from gemma2.train.data import pack_documents
     from gemma2.train.trainer import TrainSettings, evaluate, train_causal_lm
 

@@ -73,7 +73,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str = "", task_type: str = "CAUSAL_LM") -> None:
     """Write adapter_config.json and adapter_model.safetensors (PEFT's layout)."""
-    from gemma2.checkpoint import AtomicDirectory
+    from gemma2.io.checkpoint import AtomicDirectory
 
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if not layers:

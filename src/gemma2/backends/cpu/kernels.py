@@ -164,7 +164,7 @@ def decode_attention(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Eager attention of one query per row (see cpu_kernels.c); [B, H, 1, D] -> [B, 1, H, D].
+    """Eager attention of one query per row (see kernels_avx512*.c); [B, H, 1, D] -> [B, 1, H, D].
 
     Row b's query at position query_positions[b] sees the keys whose slot position
     (key_positions [B or 1, S], -1 for an empty one) is at most its own, within `window` of it, and
@@ -224,7 +224,7 @@ def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm with the reference's roundings (see cpu_kernels.c); call only where it applies."""
+    """Gemma's RMSNorm with the reference's roundings (see kernels_avx512*.c); call only where it applies."""
     library = _library()
     assert library is not None
     rows = _rows(x)

@@ -1,11 +1,11 @@
-/* Portable scalar C99 variant of cpu_kernels.c (gemma2.cpu_kernels, variant "scalar").
+/* Portable scalar C99 variant of kernels_avx512*.c (gemma2.backends.cpu, variant "scalar").
  *
  * The same entry points, arguments, struct layouts and semantics as the AVX-512 kernels, written
  * as plain loops so that they build with any C compiler on any CPU. It is a correctness reference
  * (and a fallback that can be forced with GEMMA2_CPU_KERNELS=scalar), not a fast path: only the
  * order of float32 sums may differ from the AVX-512 variant, everything that variant computes
  * exactly (integer dot products, activation quantization, dequantization, rotary, soft-cap,
- * argmax) it computes bit for bit the same way. See cpu_kernels.c for the layouts and the
+ * argmax) it computes bit for bit the same way. See kernels_avx512*.c for the layouts and the
  * reasoning behind each rounding; comments here only say where the two differ.
  * `#pragma omp` splits rows across threads when built with -fopenmp and is ignored otherwise.
  * Requirements checked by the Python side: K % 32 == 0, G % 64 == 0, M <= MAX_ROWS.
@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 8 /* the ABI's limit, as in cpu_kernels.c (these loops do not need it) */
+#define MAX_ROWS 8 /* the ABI's limit, as in kernels_avx512*.c (these loops do not need it) */
 
 static inline uint16_t to_bf16(float value) {
     uint32_t bits;
@@ -70,7 +70,7 @@ static float peak_of(const uint16_t *x, int64_t n) {
 }
 
 /* round(v * levels / largest) to nearest even for n values, 0 when largest is 0: as to_levels in
- * cpu_kernels.c, float32 `v * (levels / largest)` unless levels / largest overflows (subnormal
+ * kernels_avx512*.c, float32 `v * (levels / largest)` unless levels / largest overflows (subnormal
  * activations), then float64 `v * levels / largest`. lrintf rounds like vcvtps2dq (nearest even). */
 static void to_levels(const uint16_t *x, int64_t n, float levels, float largest, int32_t *out) {
     const float inverse = largest > 0 ? levels / largest : 0.0f;
@@ -171,7 +171,7 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
         for (int64_t k = 0; k < K; k++) out[n * K + k] = to_bf16((float)q[n * K + k] * scale[n]);
 }
 
-/* ---- attention of one new token over the cache (see cpu_kernels.c for the layout and mask) ---- */
+/* ---- attention of one new token over the cache (see kernels_avx512*.c for the layout and mask) ---- */
 
 /* bf16(tanh(x)) for every bf16 x, by its bits, as the AVX-512 code's table. Filled on first use
  * (outside any parallel region) instead of by a load-time constructor, which C99 does not have;
@@ -288,7 +288,7 @@ void gemma2_rotary(const uint16_t *x, uint16_t *out, const uint16_t *cos, const 
         }
 }
 
-/* ---- a whole decoder layer for one new token per row (same structure as cpu_kernels.c) --------- */
+/* ---- a whole decoder layer for one new token per row (same structure as kernels_avx512*.c) --------- */
 
 typedef struct {
     int64_t kind; /* 0 bf16 [N, K], 1 int8 [N, K] + scale [N], 2 int4 [N, K / 2] + scale [N, K / G] */
@@ -426,7 +426,7 @@ void gemma2_argmax_bf16(const uint16_t *x, int64_t rows, int64_t n, int64_t *out
     }
 }
 
-/* The first `count` layers of a decode step (h -> out); returns how many ran, as cpu_kernels.c:
+/* The first `count` layers of a decode step (h -> out); returns how many ran, as kernels_avx512*.c:
  * fewer than count means layer [returned] met non-finite activations in a quantized linear layer,
  * and out then holds the output of the layers before it (h itself when it is the first). */
 int64_t gemma2_decode_layers(int64_t count, const Gemma2DecodeLayer *const *layers,

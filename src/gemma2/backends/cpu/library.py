@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. PyTorch's bf16
 matmul reaches about 60 % of it for a single row on AVX-512 CPUs, and its weight-only int8/int4
-kernels less. cpu_kernels.c reads each weight row once for up to MAX_ROWS activation rows and
+kernels less. kernels_avx512*.c reads each weight row once for up to MAX_ROWS activation rows and
 runs close to the bandwidth of a plain reduction (see `gemma2 bench`).
 
 The C file ships with the package and is compiled on first use with the system C compiler into
@@ -28,7 +28,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels_avx512.c")
+SOURCE = Path(__file__).with_name("kernels_avx512.c")  # the matrix kernels; the rest in the files below
+AVX512_SOURCES = (SOURCE, SOURCE.with_name("kernels_avx512_decode.c"))
+AVX512_HEADER = SOURCE.with_name("kernels_avx512.h")
 SCALAR_SOURCE = Path(__file__).with_name("kernels_scalar.c")
 MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in kernels_avx512.c and kernels_scalar.c
 SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
@@ -46,18 +48,19 @@ _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
 @dataclass(frozen=True)
 class Variant:
-    """One build of the kernels: the same entry points (and ABI) from another C source."""
+    """One build of the kernels: the same entry points (and ABI) from other C sources."""
 
-    source: Path
+    sources: tuple[Path, ...]
     flags: tuple[str, ...]
     cpu_features: tuple[str, ...] = ()  # /proc/cpuinfo names it needs on x86-64 Linux; () runs anywhere
     optional_flags: tuple[str, ...] = ()  # dropped on a second try when the compiler rejects them
+    headers: tuple[Path, ...] = ()  # included by the sources: part of the cache key
 
 
 VARIANTS = {
-    "avx512": Variant(SOURCE, tuple(FLAGS), CPU_FEATURES),
+    "avx512": Variant(AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER,)),
     # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
-    "scalar": Variant(SCALAR_SOURCE, tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
+    "scalar": Variant((SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
@@ -92,7 +95,7 @@ def _build(directory: Path, name: str = "avx512") -> Path:
             attempts.append(tuple(flag for flag in variant.flags if flag not in variant.optional_flags))
         for flags in attempts:
             result = subprocess.run(
-                [compiler, *flags, str(variant.source), "-o", str(partial), "-lm"],
+                [compiler, *flags, *map(str, variant.sources), "-o", str(partial), "-lm"],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -153,10 +156,11 @@ def load_variant(name: str) -> ctypes.CDLL:
     variant = VARIANTS[name]
     if not _cpu_supports_kernels(variant.cpu_features):
         raise OSError(f"the {name} kernels need x86-64 Linux with {', '.join(variant.cpu_features)}")
-    from gemma2.assets import cache_dir
+    from gemma2.paths import cache_dir
 
     # The variant, its source and its flags all go into the key: each build gets its own directory.
-    key = name.encode() + b"\0" + variant.source.read_bytes() + " ".join(variant.flags).encode()
+    code = b"".join(path.read_bytes() for path in (*variant.sources, *variant.headers))
+    key = name.encode() + b"\0" + code + " ".join(variant.flags).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     library = _declare(ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest, name))))
     _loaded[name] = library
