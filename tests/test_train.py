@@ -13,8 +13,8 @@ import torch
 from conftest import randomize_, tiny_config
 
 from gemma2 import Gemma2ForCausalLM
+from gemma2.heads import chunked_causal_lm_loss
 from gemma2.train.data import IGNORE_INDEX, pack_documents
-from gemma2.train.loss import chunked_causal_lm_loss
 from gemma2.train.trainer import TrainSettings, causal_lm_loss, learning_rate, train_causal_lm
 
 

@@ -81,6 +81,13 @@ class MaskSpec:
         return mask
 
 
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """tanh(x / cap) * cap, Gemma 2's soft-cap of attention scores and final logits; identity when cap is None."""
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
 def eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -102,8 +109,7 @@ def eager_attention(
     # are contiguous (h = kv * G + g), so fold them into the row dimension: [B, K, G*T, D].
     grouped = query.reshape(B, K, G * T, D)
     scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, K, G*T, S]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = soft_cap(scores, softcap)
     scores = scores.view(B, K, G, T, S) + mask.additive(query.dtype, query_start, query_start + T)[:, :, None]
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:

@@ -66,6 +66,12 @@ class _Request:
         return self.row is not None and self.prefilled == len(self.prompt)
 
 
+def _plain_greedy(request: _Request) -> bool:
+    """Greedy with nothing that changes the logits first: the argmax of the raw logits."""
+    penalty = request.settings.repetition_penalty
+    return not request.settings.do_sample and (penalty is None or penalty == 1.0)
+
+
 def checkpoint_stop_ids(model: Gemma2ForCausalLM) -> list[int]:
     """generation_config.json's eos_token_id, else the config's (one id or a list)."""
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
@@ -224,12 +230,21 @@ class Engine:
         ids = torch.tensor([[r.generated[-1]] for r in requests], dtype=torch.long, device=self.device)
         rows = torch.tensor([r.row for r in requests], device=self.device)
         logits = self.model(ids, past_key_values=self.cache, cache_rows=rows, logits_to_keep=1).logits[:, -1]
-        return [self._emit(request, logits[i]) for i, request in enumerate(requests)]
+        # Plain greedy rows take one argmax for the whole batch (the same index as one row at a time).
+        greedy = logits.argmax(dim=-1).tolist() if any(map(_plain_greedy, requests)) else []
+        return [
+            self._emit(request, logits[i], greedy[i] if _plain_greedy(request) else None)
+            for i, request in enumerate(requests)
+        ]
 
-    def _emit(self, request: _Request, logits: torch.Tensor) -> StepEvent:
-        """Pick the request's next token from its logits [V]; finish it on a stop token or its length."""
-        seen = torch.tensor([request.seen], dtype=torch.long, device=logits.device)
-        token = int(next_tokens(logits[None], seen, request.settings, request.generator)[0])
+    def _emit(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> StepEvent:
+        """Pick the request's next token from its logits [V] (unless given); finish it on a stop or its length."""
+        if token is None:
+            penalty = request.settings.repetition_penalty
+            # The ids seen so far matter only to the repetition penalty: no tensor of them otherwise.
+            seen = request.seen if penalty is not None and penalty != 1.0 else []
+            seen_ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
+            token = int(next_tokens(logits[None], seen_ids, request.settings, request.generator)[0])
         request.generated.append(token)
         request.seen.append(token)
         event = StepEvent(request.request_id, token)

@@ -20,3 +20,31 @@ class CheckpointError(Gemma2Error):
 
 class InputError(Gemma2Error):
     """Arguments to a forward pass are inconsistent (ids out of range, mask of the wrong size...)."""
+
+
+class TokenizerError(Gemma2Error):
+    """A tokenizer file is missing or unreadable."""
+
+
+class ChatFormatError(Gemma2Error):
+    """A conversation does not fit the chat format (roles, order, content)."""
+
+
+class DataError(Gemma2Error):
+    """A training data file is missing or malformed."""
+
+
+class TrainingError(Gemma2Error):
+    """Training cannot start or continue (no state to resume, mismatched state)."""
+
+
+class TrainingInterrupted(Gemma2Error):
+    """Ctrl-C stopped training; the state was saved for --resume."""
+
+
+class AssetError(Gemma2Error):
+    """A cached asset could not be fetched or failed its checksum."""
+
+
+class SentencePieceError(ValueError):
+    """A tokenizer.model file is not a SentencePiece model this reader understands."""

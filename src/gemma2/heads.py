@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
+from gemma2.attention import soft_cap
 from gemma2.cache import Gemma2Cache
 from gemma2.config import Gemma2Config
 from gemma2.errors import InputError
@@ -26,19 +28,58 @@ from gemma2.pretrained import Gemma2PreTrainedModel
 IGNORE_INDEX = -100
 
 
-def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """tanh(x / cap) * cap, the reference's op order; identity when cap is None."""
-    if cap is None:
-        return logits
-    return torch.tanh(logits / cap) * cap
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t's target is labels[t + 1]; the last position has none (-100)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean float32 cross-entropy of position t predicting labels[t + 1], ignoring -100."""
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    shifted = shifted_targets(labels)
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
     )
+
+
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None
+) -> torch.Tensor:
+    logits = soft_cap((hidden @ weight.T).float(), cap)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    final_logit_softcapping: float | None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """causal_lm_loss from hidden states [B, T, d], never holding float32 logits for every position.
+
+    Gemma's vocabulary has 256000 entries: float32 logits cost 1 GiB per 1000 tokens, and autograd
+    would keep them for the backward pass. The hidden states are projected a chunk of positions at
+    a time, soft-capped as in the forward pass, and turned into a summed cross-entropy; each chunk
+    is recomputed in the backward pass (activation checkpointing), so only one chunk's logits ever
+    exist. The result equals the plain loss (mean over non-ignored labels).
+    """
+    targets = shifted_targets(labels).reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    keep = targets != IGNORE_INDEX
+    count = keep.sum()
+    if int(count) == 0:
+        return flat.sum() * 0.0  # no target: a zero that still belongs to the graph
+    flat, targets = flat[keep], targets[keep]  # ignored positions need no logits at all
+    total = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_size):
+        part, goal = flat[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and (part.requires_grad or lm_head_weight.requires_grad):
+            total = total + torch.utils.checkpoint.checkpoint(
+                _chunk_loss_sum, part, lm_head_weight, goal, final_logit_softcapping, use_reentrant=False
+            )
+        else:
+            total = total + _chunk_loss_sum(part, lm_head_weight, goal, final_logit_softcapping)
+    return total / count
 
 
 class Gemma2ForCausalLM(Gemma2PreTrainedModel):
@@ -216,20 +257,21 @@ class Gemma2ForSequenceClassification(Gemma2PreTrainedModel):
     def classification_loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """MSE (regression), cross-entropy (single label) or BCE with logits (multi label).
 
-        Like the reference, an unset problem_type is decided on first use and stored in the config:
-        one label means regression, integer labels single-label, anything else multi-label.
+        An unset problem_type is decided as the reference decides it: one label means regression,
+        integer labels single-label, anything else multi-label. Unlike the reference, the decision is
+        not written into the config (a forward pass never changes it): each call decides afresh.
         """
         num_labels = self.config.num_labels
         assert num_labels is not None
-        if self.config.problem_type is None:
-            if num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        labels = labels.to(pooled.device)
         problem = self.config.problem_type
+        if problem is None:
+            if num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        labels = labels.to(pooled.device)
         if problem == "regression":
             target = labels.to(pooled.dtype)
             if num_labels == 1:

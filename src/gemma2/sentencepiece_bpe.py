@@ -24,12 +24,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gemma2.errors import SentencePieceError
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 SPECIAL_TOKEN_NAMES = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
-
-
-class SentencePieceError(ValueError):
-    pass
 
 
 def read_pieces(path: Path) -> list[tuple[str, int]]:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gemma2.errors import Gemma2Error
+from gemma2.errors import ChatFormatError, Gemma2Error, TokenizerError  # noqa: F401 (raised here, importable from here too)
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -42,14 +42,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
-
-
-class TokenizerError(Gemma2Error):
-    """A tokenizer file is missing or unreadable."""
-
-
-class ChatFormatError(Gemma2Error):
-    """A conversation does not fit the chat format (roles, order, content)."""
 
 
 # ------------------------------------------------------------------------------------------------

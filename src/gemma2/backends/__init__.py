@@ -16,9 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from gemma2.attention import ATTENTION_FUNCTIONS
+from gemma2.attention import ATTENTION_FUNCTIONS, soft_cap
 from gemma2.errors import InputError
-from gemma2.heads import soft_cap
 from gemma2.model import Gemma2Attention, Gemma2Model, Gemma2RMSNorm, apply_rotary
 from gemma2.quant import Int4Linear, Int8Linear
 

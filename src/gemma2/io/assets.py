@@ -20,17 +20,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from gemma2.errors import Gemma2Error
+from gemma2.errors import (
+    AssetError,
+)
 from gemma2.paths import cache_dir
 
 TOKENIZER_WHEEL = "maxtext==0.2.5"
 TOKENIZER_MEMBER = "maxtext/assets/tokenizers/tokenizer.gemma"
 TOKENIZER_SHA256 = "61a7b147390c64585d6c3543dd6fc636906c9af3865a5548f27f31aee1d4c8e2"
 TOKENIZER_BYTES = 4241003
-
-
-class AssetError(Gemma2Error):
-    """A cached asset could not be fetched or failed its checksum."""
 
 
 def sha256_of(path: Path) -> str:

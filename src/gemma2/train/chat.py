@@ -13,12 +13,10 @@ from typing import Any
 
 import torch
 
+from gemma2.heads import IGNORE_INDEX, chunked_causal_lm_loss
 from gemma2.tokenizer import ChatFormatError
 from gemma2.train.classification import PaddedExamples
 from gemma2.train.datasets import DataError, read_records
-from gemma2.train.loss import chunked_causal_lm_loss
-
-IGNORE_INDEX = -100
 
 
 def read_conversations(path: str | Path) -> list[list[dict[str, Any]]]:

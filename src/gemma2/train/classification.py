@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
+from gemma2.heads import IGNORE_INDEX
 from gemma2.train.datasets import DataError, read_records, read_text
-
-IGNORE_INDEX = -100
 
 
 def _read_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:

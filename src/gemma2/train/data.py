@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from gemma2.heads import IGNORE_INDEX
 
 
 @dataclass

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gemma2.errors import Gemma2Error
-
-
-class DataError(Gemma2Error):
-    """A training data file is missing or malformed."""
+from gemma2.errors import (
+    DataError,
+)
 
 
 def read_text(path: Path) -> str:

@@ -21,10 +21,9 @@ from typing import Any, Protocol, cast
 
 import torch
 
-from gemma2.errors import Gemma2Error
-from gemma2.heads import Gemma2ForCausalLM
+from gemma2.errors import Gemma2Error, TrainingError, TrainingInterrupted  # noqa: F401 (raised here, importable from here too)
+from gemma2.heads import Gemma2ForCausalLM, chunked_causal_lm_loss
 from gemma2.train.data import PackedRows
-from gemma2.train.loss import chunked_causal_lm_loss
 
 
 @dataclass
@@ -126,14 +125,6 @@ def train_causal_lm(
 
 
 STATE_FILE = "training_state.pt"
-
-
-class TrainingError(Gemma2Error):
-    """Training cannot start or continue (no state to resume, mismatched state)."""
-
-
-class TrainingInterrupted(Gemma2Error):
-    """Ctrl-C stopped training; the state was saved for --resume."""
 
 
 @dataclass

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma2.attention import MaskSpec, attention
+from gemma2.attention import MaskSpec, attention, soft_cap
 from gemma2.backends.cpu import kernels
-from gemma2.heads import soft_cap
 from gemma2.model import Gemma2RMSNorm, apply_rotary
 from gemma2.quant import Int4Linear, Int8Linear
 

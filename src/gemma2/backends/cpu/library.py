@@ -167,8 +167,25 @@ def load_variant(name: str) -> ctypes.CDLL:
     return library
 
 
+_chosen: list[str] = []  # a variant use_variant() chose for this process, over the environment
+
+
+def use_variant(name: str | None) -> None:
+    """Run this process on kernel variant `name` (auto, avx512, scalar or off); None: back to GEMMA2_CPU_KERNELS.
+
+    Models with the cpu backend follow at their next call (where a variant cannot run, they use
+    PyTorch's ops): tests compare the variants and the op path in one process this way.
+    """
+    if name is not None and name not in VARIANT_CHOICES:
+        raise ValueError(f"kernel variant must be one of {', '.join(VARIANT_CHOICES)}, got {name!r}")
+    _chosen[:] = [] if name is None else [name]
+    _library.cache_clear()
+
+
 def _requested_variant() -> str:
     """GEMMA2_CPU_KERNELS (auto, avx512, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
+    if _chosen:
+        return _chosen[0]
     raw = os.environ.get(VARIANT_ENV, "auto")
     value = raw.strip().lower() or "auto"
     if value not in VARIANT_CHOICES:
