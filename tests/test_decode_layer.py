@@ -2,12 +2,17 @@
 
 Both use the same kernels and roundings, so decode logits, caches and generated tokens must be bit
 for bit equal, over every cache kind (full, sliding ring that wraps, short ring that grows),
-padding, batches, attention bias, activations and weight widths.
+padding, batches, attention bias, activations and weight widths. They run on the AVX-512 kernels
+where the CPU has them and on the portable scalar variant elsewhere (GEMMA2_TEST_KERNELS=scalar
+forces it), so every machine with a C compiler checks the fused path.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,11 +21,28 @@ from conftest import quantizable_model
 
 from gemma2 import quant as qz
 from gemma2.backends.cpu import decode as decode_layer
-from gemma2.backends.cpu import kernels as cpu_kernels
+from gemma2.backends.cpu import library
 from gemma2.cache import Gemma2Cache
 
-native = pytest.mark.skipif(not cpu_kernels.available(), reason="needs the native CPU kernels (AVX-512 BF16)")
-pytestmark = native
+
+def _variant() -> str | None:
+    if os.environ.get("GEMMA2_TEST_KERNELS"):
+        return os.environ["GEMMA2_TEST_KERNELS"]
+    if library._cpu_supports_kernels(library.CPU_FEATURES):
+        return "avx512"
+    return "scalar" if shutil.which("cc") or shutil.which("gcc") else None
+
+
+VARIANT = _variant()
+pytestmark = pytest.mark.skipif(VARIANT is None, reason="needs a C compiler for the native kernels")
+
+
+@pytest.fixture(autouse=True)
+def kernels() -> Iterator[None]:
+    library.use_variant(VARIANT)
+    assert library.variant() == VARIANT
+    yield
+    library.use_variant(None)
 
 
 @pytest.fixture

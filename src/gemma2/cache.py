@@ -76,6 +76,7 @@ class Gemma2Cache:
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers  # [rows, K, slots, D]
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
         self.lengths: torch.Tensor | None = None  # [rows]
+        self._lengths: list[int] = []  # the same, as Python ints (a decode step reads them without a sync)
         self.ring_positions: torch.Tensor | None = None  # [rows, ring], -1 for a slot not yet written
         self.free: list[int] = []
         self.full_slots = 0  # slots the full-layer buffers hold
@@ -87,6 +88,7 @@ class Gemma2Cache:
     def _create_rows(self, rows: int, device: torch.device) -> None:
         self.max_batch = rows
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self._lengths = [0] * rows
         self.ring_positions = torch.full((rows, self.ring), -1, dtype=torch.long, device=device)
         self.free = list(range(rows))
 
@@ -114,6 +116,7 @@ class Gemma2Cache:
         """Empty one row (its keys zeroed, its slots unwritten) without giving it back."""
         assert self.lengths is not None and self.ring_positions is not None
         self.lengths[row] = 0
+        self._lengths[row] = 0
         self.ring_positions[row] = -1
         # Zeros, not stale keys: the op-by-op path multiplies masked slots by 0, and 0 * NaN is NaN.
         for buffers in (self.keys, self.values):
@@ -122,11 +125,11 @@ class Gemma2Cache:
                     tensor[row].zero_()
 
     def row_length(self, row: int) -> int:
-        return 0 if self.lengths is None else int(self.lengths[row])
+        return self._lengths[row] if self._lengths else 0
 
     def get_seq_length(self) -> int:
         """Slots (tokens, padding included) already in the cache: the longest row's."""
-        return 0 if self.lengths is None else int(self.lengths.max())
+        return max(self._lengths, default=0)
 
     # ---- one forward ---------------------------------------------------------------------------
 
@@ -140,18 +143,22 @@ class Gemma2Cache:
         if rows is None:
             if batch != self.rows:
                 raise InputError(f"batch size {batch} does not match the cache's batch size {self.rows}")
-            rows = torch.arange(batch, device=device)
+            row_list = list(range(batch))
         else:
-            rows = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
-            if rows.numel() != batch:
-                raise InputError(f"cache_rows has {rows.numel()} entries for a batch of {batch}")
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.rows):
-                raise InputError(f"cache_rows must be in [0, {self.rows}), got {rows.tolist()}")
-        first = int(rows[0]) if batch else 0
-        consecutive = bool((rows == torch.arange(first, first + batch, device=device)).all())
-        starts = self.lengths[rows]
+            row_list = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+            if len(row_list) != batch:
+                raise InputError(f"cache_rows has {len(row_list)} entries for a batch of {batch}")
+            if any(not 0 <= row < self.rows for row in row_list):
+                raise InputError(f"cache_rows must be in [0, {self.rows}), got {row_list}")
+            if len(set(row_list)) != len(row_list):
+                raise InputError(f"cache_rows must not repeat a row, got {row_list}")
+        rows = torch.tensor(row_list, dtype=torch.long, device=device)
+        first = row_list[0] if batch else 0
+        consecutive = row_list == list(range(first, first + batch))
+        start_list = [self._lengths[row] for row in row_list]
+        longest = max(start_list) + length
+        starts = torch.tensor(start_list, dtype=torch.long, device=device)
         stops = starts + length
-        longest = int(stops.max())
         query_positions = starts[:, None] + torch.arange(length, device=device)  # [B, T]
 
         self._reserve_full(longest)
@@ -249,6 +256,8 @@ class Gemma2Cache:
         """Record a forward's tokens: the rows' new lengths and the positions of the ring slots written."""
         assert self.lengths is not None and self.ring_positions is not None
         self.lengths[step.rows] = step.starts + step.length
+        for row in step.rows.tolist():
+            self._lengths[row] += step.length
         if step.ring_slots is not None:
             kept_positions = step.query_positions[:, step.length - step.kept :]
             self.ring_positions[step.rows[:, None], step.ring_slots] = kept_positions

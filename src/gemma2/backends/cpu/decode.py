@@ -96,7 +96,7 @@ class _Cache(ctypes.Structure):
 # What the native path keeps between steps, outside the layers and caches themselves (ctypes
 # structures would stop them from being copied or pickled): each layer's C description with the key
 # it was built for, and each cache's C views of its layers.
-_descriptions: weakref.WeakKeyDictionary[Any, tuple[list[int], _Layer | None]] = weakref.WeakKeyDictionary()
+_descriptions: weakref.WeakKeyDictionary[Any, _Described] = weakref.WeakKeyDictionary()
 _cache_views: weakref.WeakKeyDictionary[Any, dict[int, _Cache]] = weakref.WeakKeyDictionary()
 
 
@@ -141,7 +141,7 @@ def _linear(module: Any) -> _Linear | None:
 
 
 def _parts(layer: Gemma2DecoderLayer) -> list[Any]:
-    """The seven projections, then the four norms (read from the module dicts: this runs every step)."""
+    """The seven projections, then the four norms, read from the module dicts."""
     attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules  # type: ignore[union-attr]
     norms = layer._modules
     return [
@@ -187,33 +187,72 @@ def _describe(layer: Gemma2DecoderLayer, parts: list[Any]) -> _Layer | None:
     return description
 
 
-def _tensors(parts: list[Any]) -> list[torch.Tensor]:
-    """Every parameter and buffer of the parts: what the C description points into."""
-    tensors: list[torch.Tensor] = []
-    for module in parts:
-        tensors += [t for t in module._parameters.values() if t is not None]
-        tensors += [t for t in module._buffers.values() if t is not None]
-    return tensors
+class _Described:
+    """A layer's C description and what it was built from, to tell cheaply whether it still holds."""
+
+    def __init__(self, layer: Gemma2DecoderLayer, parts: list[Any]) -> None:
+        self.description = _describe(layer, parts)
+        attn, mlp = layer._modules["self_attn"], layer._modules["mlp"]
+        assert attn is not None and mlp is not None
+        owners = [attn._modules] * 4 + [mlp._modules] * 3 + [layer._modules] * 4
+        names = [*_PART_NAMES]
+        # (dict, key, object): each part must still be the module it was, in the dict that holds it.
+        self.modules = [(layer._modules, "self_attn", attn), (layer._modules, "mlp", mlp)]
+        self.modules += [(owner, name, part) for owner, name, part in zip(owners, names, parts, strict=True)]
+        # (dict, key, tensor, address): each parameter and buffer still that tensor, at that address
+        # (module.to() keeps a Parameter object but gives it new storage).
+        self.tensors = [
+            (store, key, tensor, tensor.data_ptr())
+            for part in parts
+            for store in (part._parameters, part._buffers)
+            for key, tensor in store.items()
+            if tensor is not None
+        ]
+        self.hooked = [layer, *parts]
+
+    def holds(self) -> bool:
+        for owner, name, module in self.modules:
+            if owner.get(name) is not module:
+                return False
+        for store, key, tensor, address in self.tensors:
+            now = store.get(key)
+            if now is not tensor or now.data_ptr() != address:
+                return False
+        return True
+
+
+_PART_NAMES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 
 
 def _layer_description(layer: Gemma2DecoderLayer) -> _Layer | None:
-    """The layer's C description, rebuilt whenever a part, a tensor's storage or a hook changed."""
+    """The layer's C description: built once, rebuilt only when a part or a tensor's storage changed.
+
+    Hooks and autograd send the layer op by op (they must see its modules run).
+    """
     if torch_modules._global_forward_hooks or torch_modules._global_forward_pre_hooks:
         return None
-    parts = _parts(layer)
-    for module in (layer, *parts):
+    described = _descriptions.get(layer)
+    if described is None or not described.holds():
+        described = _Described(layer, _parts(layer))
+        _descriptions[layer] = described
+    for module in described.hooked:
         if module._forward_hooks or module._forward_pre_hooks:
             return None
-    tensors = _tensors(parts)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(tensor.requires_grad for _, _, tensor, _ in described.tensors):
         return None
-    key = [id(module) for module in parts] + [t.data_ptr() for t in tensors]
-    cached = _descriptions.get(layer)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    description = _describe(layer, parts)
-    _descriptions[layer] = (key, description)
-    return description
+    return described.description
 
 
 class _StepArrays:
