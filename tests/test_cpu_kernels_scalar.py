@@ -599,10 +599,11 @@ def test_avx512_source_compiles_with_its_flags() -> None:
         pytest.skip("the AVX-512 variant is x86-64 only")
     assert COMPILER is not None
     flags = [f for f in cpu_kernels.FLAGS if f != "-shared"]
-    done = subprocess.run(
-        [COMPILER, *flags, "-fsyntax-only", *map(str, cpu_kernels.AVX512_SOURCES)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
+    for source in cpu_kernels.AVX512_SOURCES:  # each compiled to an object file, not only parsed
+        done = subprocess.run(
+            [COMPILER, *flags, "-c", str(source), "-o", os.devnull], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("openmp", [True, False])
