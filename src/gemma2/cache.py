@@ -133,7 +133,9 @@ class Gemma2Cache:
 
     # ---- one forward ---------------------------------------------------------------------------
 
-    def begin(self, batch: int, length: int, device: torch.device, rows: torch.Tensor | None = None) -> CacheStep:
+    def begin(
+        self, batch: int, length: int, device: torch.device, rows: torch.Tensor | list[int] | None = None
+    ) -> CacheStep:
         """Plan a forward of `length` new tokens for `batch` rows (cache rows `rows`, default 0..batch-1)."""
         if self.lengths is None:
             self._create_rows(batch, device)
@@ -145,7 +147,9 @@ class Gemma2Cache:
                 raise InputError(f"batch size {batch} does not match the cache's batch size {self.rows}")
             row_list = list(range(batch))
         else:
-            row_list = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+            row_list = rows if isinstance(rows, list) else torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+            if not all(isinstance(row, int) for row in row_list):
+                raise InputError(f"cache_rows must be integer row indices, got {row_list}")
             if len(row_list) != batch:
                 raise InputError(f"cache_rows has {len(row_list)} entries for a batch of {batch}")
             if any(not 0 <= row < self.rows for row in row_list):

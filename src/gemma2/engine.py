@@ -228,10 +228,10 @@ class Engine:
 
     def _decode(self, requests: list[_Request]) -> list[StepEvent]:
         ids = torch.tensor([[r.generated[-1]] for r in requests], dtype=torch.long, device=self.device)
-        rows = torch.tensor([r.row for r in requests], device=self.device)
+        rows = [r.row for r in requests]
         logits = self.model(ids, past_key_values=self.cache, cache_rows=rows, logits_to_keep=1).logits[:, -1]
         # Plain greedy rows take one argmax for the whole batch (the same index as one row at a time).
-        greedy = logits.argmax(dim=-1).tolist() if any(map(_plain_greedy, requests)) else []
+        greedy = self.model.greedy_tokens(logits).tolist() if any(map(_plain_greedy, requests)) else []
         return [
             self._emit(request, logits[i], greedy[i] if _plain_greedy(request) else None)
             for i, request in enumerate(requests)

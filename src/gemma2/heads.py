@@ -28,6 +28,11 @@ from gemma2.pretrained import Gemma2PreTrainedModel
 IGNORE_INDEX = -100
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row of logits [..., V] (the first of equal ones)."""
+    return logits.argmax(dim=-1)
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Position t's target is labels[t + 1]; the last position has none (-100)."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -89,6 +94,8 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         self.lm_head: Any = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # The final soft-cap, tanh(x / cap) * cap; a backend may install its kernel (same results).
         self.logits_soft_cap: Callable[[torch.Tensor, float | None], torch.Tensor] = soft_cap
+        # Greedy decoding's argmax over the vocabulary; a backend may install its kernel (same index).
+        self.greedy_tokens: Callable[[torch.Tensor], torch.Tensor] = greedy_tokens
         if config.tie_word_embeddings:
             self.tie_weights()
         else:
@@ -115,7 +122,7 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool = False,
         cache: Gemma2Cache | None = None,
-        cache_rows: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | list[int] | None = None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] (or the last `logits_to_keep` positions), soft-capped; loss if labels.
 

@@ -7,6 +7,7 @@ heads, D head_dim, d hidden_size, F intermediate_size, V vocab_size, W sliding w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,13 @@ from gemma2.config import Gemma2Config
 from gemma2.errors import InputError
 from gemma2.outputs import BaseModelOutput
 from gemma2.pretrained import Gemma2PreTrainedModel
+
+
+@functools.lru_cache(maxsize=16)
+def embedding_scale(hidden_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """sqrt(hidden_size) in float32, then rounded to the activation dtype (see Gemma2Model.embed)."""
+    with torch.inference_mode(False):  # autograd saves it for backward: never an inference tensor
+        return torch.tensor(hidden_size**0.5, dtype=torch.float32).to(dtype).to(device)
 
 
 class Gemma2RMSNorm(nn.Module):
@@ -42,13 +50,19 @@ class Gemma2RMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
+@functools.lru_cache(maxsize=16)
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """theta^(-2j / D) for j < D/2 in float32, as the reference computes them (kept: every decode step uses them)."""
+    with torch.inference_mode(False):  # kept across calls: a normal tensor, whatever mode made it first
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim
+        return 1.0 / (theta**exponents)  # [D/2]
+
+
 def rotary_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [B, T, D] for position_ids [B, T]: float32 math, cast to the activation dtype."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim
-    inv_freq = 1.0 / (theta**exponents)  # [D/2]
-    freqs = position_ids[..., None].float() * inv_freq  # [B, T, D/2]
+    freqs = position_ids[..., None].float() * inverse_frequencies(head_dim, theta, position_ids.device)  # [B, T, D/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # half-split pairing: j goes with j + D/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -217,8 +231,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         # The activation dtype is the norms' (an int8 embedding returns float32 rows).
         dtype = self.norm.weight.dtype
         embeds = self.embed_tokens(input_ids).to(dtype)
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(dtype)
-        return embeds * scale.to(embeds.device)
+        return embeds * embedding_scale(self.config.hidden_size, dtype, embeds.device)
 
     def forward(
         self,
@@ -230,7 +243,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool = False,
         cache: Gemma2Cache | None = None,
-        cache_rows: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | list[int] | None = None,
     ) -> BaseModelOutput:
         """Hidden states [B, T, d] of B rows of T new tokens.
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from gemma2.attention import ATTENTION_FUNCTIONS, soft_cap
 from gemma2.errors import InputError
+from gemma2.heads import greedy_tokens
 from gemma2.model import Gemma2Attention, Gemma2Model, Gemma2RMSNorm, apply_rotary
 from gemma2.quant import Int4Linear, Int8Linear
 
@@ -42,6 +43,7 @@ def reset(model: Any) -> None:
             module.decode_step = None
     if hasattr(model, "logits_soft_cap"):
         model.logits_soft_cap = soft_cap
+        model.greedy_tokens = greedy_tokens
 
 
 def _on_cpu(model: nn.Module) -> bool:

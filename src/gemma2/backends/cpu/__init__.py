@@ -16,6 +16,7 @@ from gemma2.backends.cpu.layers import (
     NativeLinear,
     NativeRMSNorm,
     native_attention,
+    native_greedy_tokens,
     native_rotary,
     native_soft_cap,
     quantized_decode,
@@ -50,6 +51,7 @@ def apply(model: Any) -> None:
             module.expand_kernel = quantized_expand
     if hasattr(model, "logits_soft_cap"):
         model.logits_soft_cap = native_soft_cap
+        model.greedy_tokens = native_greedy_tokens
     for module in model.modules():
         if isinstance(module, Gemma2Model):
             module.decode_step = decode.decode_step

@@ -14,6 +14,7 @@ from torch import nn
 
 from gemma2.attention import MaskSpec, attention, soft_cap
 from gemma2.backends.cpu import kernels
+from gemma2.heads import greedy_tokens
 from gemma2.model import Gemma2RMSNorm, apply_rotary
 from gemma2.quant import Int4Linear, Int8Linear
 
@@ -74,6 +75,13 @@ def native_soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is not None and kernels.logits_op_applies(logits):
         return kernels.soft_cap(logits, cap)
     return soft_cap(logits, cap)
+
+
+def native_greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1), natively for a decode step's bf16 logits (the same index, ties and NaN included)."""
+    if kernels.logits_op_applies(logits):
+        return kernels.argmax(logits)
+    return greedy_tokens(logits)
 
 
 def quantized_decode(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
