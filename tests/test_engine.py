@@ -374,6 +374,7 @@ def test_a_request_longer_than_max_length_is_refused_naming_both_numbers() -> No
         ([5, True], None, "integer token ids"),
         (torch.tensor([[5, 6]]), None, "1-D tensor"),
         (torch.tensor([5.0, 6.0]), None, "1-D tensor"),
+        (torch.tensor([True, False]), None, "1-D tensor"),
         ([5], SamplingParams(temperature=-0.5), "temperature"),
         ([5], SamplingParams(max_new_tokens=0), "max_new_tokens"),
         ([5], SamplingParams(max_new_tokens=True), "max_new_tokens"),

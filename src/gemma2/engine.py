@@ -123,7 +123,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         if isinstance(prompt_ids, torch.Tensor):
-            if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point:
+            if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
                 raise InputError(f"prompt_ids must be a 1-D tensor of token ids, got shape {list(prompt_ids.shape)}")
             prompt = [int(i) for i in prompt_ids.tolist()]
         else:
