@@ -189,3 +189,25 @@ def test_attention_kernels_that_cannot_soft_cap_do_not_register() -> None:
     with pytest.raises(ValueError, match="cannot soft-cap"):
         register_attention("flash-without-cap", ATTENTION_FUNCTIONS["eager"], soft_caps=False)
     assert "flash-without-cap" not in ATTENTION_FUNCTIONS
+
+
+def test_layers_the_fused_decode_cannot_take_are_logged_once_when_the_backend_is_applied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not library.available():
+        pytest.skip("no native kernels on this machine")
+    from gemma2.train.lora import apply_lora
+
+    model = model_of("bf16")
+    model.model.layers[1].self_attn.q_proj = torch.nn.Linear(128, 128, bias=False).bfloat16()  # not the backend's
+    with caplog.at_level("INFO", logger="gemma2.backends.cpu.decode"):
+        apply_backend(model, "cpu")  # the fresh Linear becomes the backend's: every layer runs natively
+        assert not [r for r in caplog.records if "op by op" in r.getMessage()]
+        apply_lora(model, rank=2, alpha=4.0, targets=("v_proj",))
+        apply_backend(model, "cpu")
+    messages = [r.getMessage() for r in caplog.records if "op by op" in r.getMessage()]
+    assert len(messages) == 1  # once per apply, not per step
+    ids = torch.randint(2, 200, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # LoRA-wrapped layers decode op by op (the wrapper has no bias attribute to read)
+        assert model.generate(ids, max_new_tokens=3, eos_token_id=[]).shape == (2, 8)
+    assert "takes 0 of 3 layers; from layer 0 on they run op by op (it cannot take layers 0, 1, 2" in messages[0]

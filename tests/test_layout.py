@@ -158,3 +158,21 @@ def test_no_source_file_is_much_past_500_lines() -> None:
         if path.suffix in (".py", ".c") and (n := len(path.read_text(encoding="utf-8").splitlines())) > 560
     }
     assert not long, f"split these files: {long}"
+
+
+def test_every_data_file_of_the_package_is_installed() -> None:
+    """Files the package reads at run time (C sources and headers, the demo model) are package data."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["gemma2"]
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*")
+        if path.is_file()
+        and path.suffix not in (".py", ".pyc")
+        and "__pycache__" not in path.parts
+        and not any(fnmatch.fnmatch(str(path.relative_to(PACKAGE)), pattern) for pattern in patterns)
+    ]
+    assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"

@@ -111,12 +111,15 @@ def activation_table(name: str) -> torch.Tensor:
 
 def _linear(module: Any) -> _Linear | None:
     """The C description of a projection, or None when the native kernels cannot run it."""
+    kind = type(module)
+    if kind not in (NativeLinear, Int8Linear, Int4Linear):
+        # e.g. a LoRA wrapper, or a plain nn.Linear put in after the backend (its F.linear rounds otherwise)
+        return None
     bias = module.bias
     if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
         return None
     bias_ptr = None if bias is None else bias.data_ptr()
-    kind = type(module)
-    if kind is NativeLinear:  # a plain nn.Linear would run F.linear op by op: not the same roundings
+    if kind is NativeLinear:
         weight = module.weight
         if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] % 32:
             return None
@@ -368,11 +371,13 @@ def plan(model: Gemma2Model) -> list[int]:
             if _layer_description(layer) is None:  # type: ignore[arg-type]
                 falling_back.append(index)
     if falling_back:
-        first = falling_back[0]
+        first, total = falling_back[0], len(model.layers)
         logger.info(
-            "gemma2: the native decode step runs layers 0-%d; layers %s run op by op (a projection or norm it "
-            "does not know, e.g. LoRA, float32 or an odd size)",
-            first - 1,
+            "gemma2: the native decode step takes %d of %d layers; from layer %d on they run op by op "
+            "(it cannot take layers %s: a projection or norm it does not know, e.g. LoRA, float32 or an odd size)",
+            first,
+            total,
+            first,
             ", ".join(map(str, falling_back)),
         )
     return falling_back
