@@ -654,7 +654,7 @@ def test_gemma2_cpu_kernels_selects_the_variant() -> None:
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     error = results["bogus"]
-    assert "GEMMA2_CPU_KERNELS" in error and "'bogus'" in error and "auto, avx512, scalar, off" in error
+    assert "GEMMA2_CPU_KERNELS" in error and "'bogus'" in error and "auto, avx512, avx2, scalar, off" in error
     assert results["scalar"] == results["SCALAR"] == ["scalar", True]
     assert results["off"] == results["scalar+disabled"] == [None, False]
     assert results["avx512-missing"] == [None, False]

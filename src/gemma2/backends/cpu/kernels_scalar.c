@@ -36,8 +36,16 @@ static inline float round_bf16(float value) { return from_bf16(to_bf16(value)); 
 
 /* ---- bf16 weights: float32 accumulation, one rounding ----------------------------------------- */
 
-void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
-                        int threads) {
+/* Weak where the compiler has it: the avx2 variant links this file with kernels_avx2.c, whose
+ * strong gemma2_linear_bf16 then replaces this one (also in the decode layers below). */
+#if defined(__GNUC__) || defined(__clang__)
+#define GEMMA2_REPLACEABLE __attribute__((weak))
+#else
+#define GEMMA2_REPLACEABLE
+#endif
+
+GEMMA2_REPLACEABLE void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N,
+                                           int64_t K, int threads) {
     (void)threads; /* only read by the OpenMP pragma */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)

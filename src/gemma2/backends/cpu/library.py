@@ -32,16 +32,23 @@ SOURCE = Path(__file__).with_name("kernels_avx512.c")  # the matrix kernels; the
 AVX512_SOURCES = (SOURCE, SOURCE.with_name("kernels_avx512_decode.c"))
 AVX512_HEADER = SOURCE.with_name("kernels_avx512.h")
 SCALAR_SOURCE = Path(__file__).with_name("kernels_scalar.c")
+# The avx2 variant: its bf16 linear layer, every other entry point from the scalar file (see kernels_avx2.c).
+AVX2_SOURCES = (Path(__file__).with_name("kernels_avx2.c"), SCALAR_SOURCE)
+AVX2_CPU_FEATURES = ("avx2", "fma", "f16c")  # x86-64-v3
 MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in kernels_avx512.c and kernels_scalar.c
 SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
 FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
 SCALAR_FLAGS = ["-O2", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: with -mfma GCC would fuse the scalar file's a * b + c into FMAs, and its entry
+# points would no longer be the scalar variant's bit for bit.
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # Which variant _library() loads: "auto" (the default) is avx512 where the CPU has it and PyTorch's
-# kernels elsewhere, since the scalar variant is a portable correctness reference, not a fast path.
+# kernels elsewhere, since the scalar variant is a portable correctness reference, not a fast path,
+# and the avx2 variant (AVX2 + FMA bf16 linear layers, the rest scalar) is opt-in only.
 # GEMMA2_NATIVE_KERNELS=0 (the older switch) means "off" too.
 VARIANT_ENV = "GEMMA2_CPU_KERNELS"
-VARIANT_CHOICES = ("auto", "avx512", "scalar", "off")
+VARIANT_CHOICES = ("auto", "avx512", "avx2", "scalar", "off")
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -61,6 +68,7 @@ VARIANTS = {
     "avx512": Variant(AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER,)),
     # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
     "scalar": Variant((SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
+    "avx2": Variant(AVX2_SOURCES, tuple(AVX2_FLAGS), AVX2_CPU_FEATURES),
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
@@ -171,7 +179,7 @@ _chosen: list[str] = []  # a variant use_variant() chose for this process, over 
 
 
 def use_variant(name: str | None) -> None:
-    """Run this process on kernel variant `name` (auto, avx512, scalar or off); None: back to GEMMA2_CPU_KERNELS.
+    """Run this process on kernel variant `name` (auto, avx512, avx2, scalar or off); None: back to GEMMA2_CPU_KERNELS.
 
     Models with the cpu backend follow at their next call (where a variant cannot run, they use
     PyTorch's ops): tests compare the variants and the op path in one process this way.
@@ -183,7 +191,7 @@ def use_variant(name: str | None) -> None:
 
 
 def _requested_variant() -> str:
-    """GEMMA2_CPU_KERNELS (auto, avx512, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
+    """GEMMA2_CPU_KERNELS (auto, avx512, avx2, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
     if _chosen:
         return _chosen[0]
     raw = os.environ.get(VARIANT_ENV, "auto")
@@ -209,7 +217,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def variant() -> str | None:
-    """Which variant _library() loaded ("avx512" or "scalar"), or None when it uses PyTorch's kernels."""
+    """Which variant _library() loaded ("avx512", "scalar" or "avx2"), or None when it uses PyTorch's kernels."""
     library = _library()
     return next((name for name, loaded in _loaded.items() if loaded is library), None)
 
