@@ -30,6 +30,7 @@ from gemma2 import Gemma2Cache, Gemma2ForCausalLM
 from gemma2 import quant as qz
 from gemma2.backends import apply_backend
 from gemma2.backends.cpu import kernels as cpu_kernels
+from gemma2.backends.cpu import library
 from gemma2.backends.cpu.layers import NativeLinear
 
 TESTS = Path(__file__).parent
@@ -45,7 +46,7 @@ def _cpu_flags() -> set[str]:
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
 
 
-CPU_CAN_RUN_KERNELS = set(cpu_kernels.CPU_FEATURES) <= _cpu_flags()
+CPU_CAN_RUN_KERNELS = set(library.CPU_FEATURES) <= _cpu_flags()
 DISABLED_BY_ENV = os.environ.get("GEMMA2_NATIVE_KERNELS") == "0"
 # Only a CPU without the features the kernels need (or an explicit opt-out) skips: where the CPU has
 # them, a failed build fails the tests.
@@ -474,10 +475,10 @@ def test_fallback_layers_handle_any_output_size(
 
 PRINT_LIBRARY = """
     import json, os
-    from gemma2.backends.cpu import kernels as cpu_kernels
-    library = cpu_kernels._library()
+    from gemma2.backends.cpu import library as kernels
+    library = kernels._library()
     path = library._name if library is not None else None
-    print(json.dumps({"available": cpu_kernels.available(), "path": path,
+    print(json.dumps({"available": kernels.available(), "path": path,
                       "mtime": os.stat(path).st_mtime_ns if path else None}))
 """
 

@@ -14,32 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from gemma2.backends.cpu.library import (
-    CPU_FEATURES,
-    FLAGS,
-    MAX_ROWS,
-    SMALL_OP_ROWS,
-    SOURCE,
-    _cpu_supports_kernels,
-    _library,
-    available,
-    load_variant,
-    variant,
-)
+from gemma2.backends.cpu.library import MAX_ROWS, SMALL_OP_ROWS, _library, available
 
-# The loader's names, for callers that want the kernels and their library in one place.
-__all__ = [
-    "CPU_FEATURES",
-    "FLAGS",
-    "MAX_ROWS",
-    "SMALL_OP_ROWS",
-    "SOURCE",
-    "_cpu_supports_kernels",
-    "_library",
-    "available",
-    "load_variant",
-    "variant",
-]
+__all__ = ["MAX_ROWS", "SMALL_OP_ROWS", "available"]  # the limits and the switch the callers check
 
 
 def row_count(x: torch.Tensor) -> int:
