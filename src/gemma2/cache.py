@@ -39,6 +39,7 @@ class CacheStep:
     """Where one forward's T new tokens per row go, and which slots they attend over."""
 
     rows: torch.Tensor  # [B] the cache row of each batch row
+    row_list: list[int]  # the same, as Python ints
     row_range: tuple[int, int] | None  # (first, stop) when rows are consecutive: buffers[first:stop] is a view
     starts: torch.Tensor  # [B] each row's length before this forward
     query_positions: torch.Tensor  # [B, T]
@@ -75,8 +76,7 @@ class Gemma2Cache:
         self.max_batch = max_batch
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers  # [rows, K, slots, D]
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
-        self.lengths: torch.Tensor | None = None  # [rows]
-        self._lengths: list[int] = []  # the same, as Python ints (a decode step reads them without a sync)
+        self._lengths: list[int] = []  # each row's length, as Python ints (read every step without a sync)
         self.ring_positions: torch.Tensor | None = None  # [rows, ring], -1 for a slot not yet written
         self.free: list[int] = []
         self.full_slots = 0  # slots the full-layer buffers hold
@@ -87,7 +87,6 @@ class Gemma2Cache:
 
     def _create_rows(self, rows: int, device: torch.device) -> None:
         self.max_batch = rows
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self._lengths = [0] * rows
         self.ring_positions = torch.full((rows, self.ring), -1, dtype=torch.long, device=device)
         self.free = list(range(rows))
@@ -95,6 +94,11 @@ class Gemma2Cache:
     @property
     def rows(self) -> int:
         return self.max_batch or 0
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Each row's length [rows] (None before the first forward of a cache made without max_batch)."""
+        return None if self.ring_positions is None else torch.tensor(self._lengths, dtype=torch.long)
 
     def allocate_row(self) -> int:
         """Take a free row (the lowest, so running rows stay packed) and return its index."""
@@ -114,8 +118,7 @@ class Gemma2Cache:
 
     def reset_row(self, row: int) -> None:
         """Empty one row (its keys zeroed, its slots unwritten) without giving it back."""
-        assert self.lengths is not None and self.ring_positions is not None
-        self.lengths[row] = 0
+        assert self.ring_positions is not None
         self._lengths[row] = 0
         self.ring_positions[row] = -1
         # Zeros, not stale keys: the op-by-op path multiplies masked slots by 0, and 0 * NaN is NaN.
@@ -137,11 +140,11 @@ class Gemma2Cache:
         self, batch: int, length: int, device: torch.device, rows: torch.Tensor | list[int] | None = None
     ) -> CacheStep:
         """Plan a forward of `length` new tokens for `batch` rows (cache rows `rows`, default 0..batch-1)."""
-        if self.lengths is None:
+        if self.ring_positions is None:
             self._create_rows(batch, device)
-        assert self.lengths is not None and self.ring_positions is not None
-        if self.lengths.device != device:
-            self.lengths, self.ring_positions = self.lengths.to(device), self.ring_positions.to(device)
+        assert self.ring_positions is not None
+        if self.ring_positions.device != device:
+            self.ring_positions = self.ring_positions.to(device)
         if rows is None:
             if batch != self.rows:
                 raise InputError(f"batch size {batch} does not match the cache's batch size {self.rows}")
@@ -183,6 +186,7 @@ class Gemma2Cache:
                 sliding_key_positions = torch.cat([before, query_positions], dim=1)
         return CacheStep(
             rows=rows,
+            row_list=row_list,
             row_range=(first, first + batch) if consecutive else None,
             starts=starts,
             query_positions=query_positions,
@@ -258,9 +262,8 @@ class Gemma2Cache:
 
     def commit(self, step: CacheStep) -> None:
         """Record a forward's tokens: the rows' new lengths and the positions of the ring slots written."""
-        assert self.lengths is not None and self.ring_positions is not None
-        self.lengths[step.rows] = step.starts + step.length
-        for row in step.rows.tolist():
+        assert self.ring_positions is not None
+        for row in step.row_list:
             self._lengths[row] += step.length
         if step.ring_slots is not None:
             kept_positions = step.query_positions[:, step.length - step.kept :]

@@ -3,7 +3,7 @@
     engine = Engine(model, max_batch=8, max_length=None, prefill_chunk=512)
     rid = engine.add(prompt_ids, SamplingParams(max_new_tokens=64))
     while engine.has_unfinished():
-        for event in engine.step():   # admit, prefill one chunk, decode every running row
+        for event in engine.step():   # admit, read prompt chunks, decode every running row
             ...                       # event.request_id, .token_id, .logprob, .finished, .finish_reason
     engine.abort(rid)                 # the row is free before the next step
 
@@ -59,7 +59,6 @@ class _Request:
     row: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
     generated: list[int] = field(default_factory=list)
-    seen: list[int] = field(default_factory=list)  # prompt + generated, for the repetition penalty
 
     @property
     def decoding(self) -> bool:
@@ -68,16 +67,16 @@ class _Request:
 
 def _plain_greedy(request: _Request) -> bool:
     """Greedy with nothing that changes the logits first: the argmax of the raw logits."""
-    penalty = request.settings.repetition_penalty
-    return not request.settings.do_sample and (penalty is None or penalty == 1.0)
+    return not request.settings.do_sample and not request.settings.penalizes
 
 
-def checkpoint_stop_ids(model: Gemma2ForCausalLM) -> list[int]:
-    """generation_config.json's eos_token_id, else the config's (one id or a list)."""
-    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-    if eos is None:
+def stop_token_ids(model: Gemma2ForCausalLM, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """Explicit ids, else generation_config.json's eos_token_id, else the config's (one id or a list)."""
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    if eos_token_id is None:
         return []
-    return [int(eos)] if isinstance(eos, int) else [int(i) for i in eos]
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
 class Engine:
@@ -101,7 +100,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_length = max_length or context
         self.prefill_chunk = prefill_chunk
-        self.default_stops = checkpoint_stop_ids(model)
+        self.default_stops = stop_token_ids(model)
         # Buffers sized to max_length when the caller gave it; grown on demand otherwise.
         self.cache = Gemma2Cache(model.config, max_length=max_length, max_batch=max_batch)
         self.waiting: deque[_Request] = deque()
@@ -152,9 +151,7 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        request = _Request(
-            request_id, prompt, params, params.settings(), frozenset(stops), generator, seen=list(prompt)
-        )
+        request = _Request(request_id, prompt, params, params.settings(), frozenset(stops), generator)
         self.requests[request_id] = request
         self.waiting.append(request)
         return request_id
@@ -187,7 +184,7 @@ class Engine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
-        """Admit waiting requests, prefill one chunk of one prompt, decode every decoding row."""
+        """Admit waiting requests, read up to prefill_chunk prompt tokens, decode every decoding row."""
         events = [StepEvent(rid, None, finished=True, finish_reason="abort") for rid in self.aborted]
         self.aborted = []
         while self.waiting and len(self.running) < self.max_batch:
@@ -218,7 +215,7 @@ class Engine:
             ids = torch.tensor(
                 [r.prompt[r.prefilled : r.prefilled + size] for r in requests], dtype=torch.long, device=self.device
             )
-            rows = torch.tensor([r.row for r in requests], device=self.device)
+            rows = [r.row for r in requests]
             logits = self.model(ids, past_key_values=self.cache, cache_rows=rows, logits_to_keep=1).logits[:, -1]
             for i, request in enumerate(requests):
                 request.prefilled += size
@@ -240,13 +237,11 @@ class Engine:
     def _emit(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> StepEvent:
         """Pick the request's next token from its logits [V] (unless given); finish it on a stop or its length."""
         if token is None:
-            penalty = request.settings.repetition_penalty
             # The ids seen so far matter only to the repetition penalty: no tensor of them otherwise.
-            seen = request.seen if penalty is not None and penalty != 1.0 else []
+            seen = request.prompt + request.generated if request.settings.penalizes else []
             seen_ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
             token = int(next_tokens(logits[None], seen_ids, request.settings, request.generator)[0])
         request.generated.append(token)
-        request.seen.append(token)
         event = StepEvent(request.request_id, token)
         if request.params.logprobs:
             event.logprob, event.top_logprobs = log_probabilities(logits, token, request.params.logprobs)

@@ -18,20 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gemma2.engine import Engine, checkpoint_stop_ids
+from gemma2.engine import Engine, stop_token_ids
 from gemma2.errors import InputError
 from gemma2.sampling import SamplingParams, SamplingSettings
 
 if TYPE_CHECKING:
     from gemma2.heads import Gemma2ForCausalLM
     from gemma2.tokenizer import Gemma2Tokenizer
-
-
-def stop_token_ids(model: Gemma2ForCausalLM, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
-    """Explicit ids, else generation_config.json's eos_token_id, else the config's."""
-    if eos_token_id is None:
-        return checkpoint_stop_ids(model)
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
 def generate_steps(
@@ -108,22 +101,18 @@ def generate_steps(
         )
         engine.add(prompt, params, request_id=b)
     tokens: list[list[int]] = [[] for _ in range(B)]
-    finished = [False] * B
     emitted = 0
-    while emitted < max_new_tokens:
+    while engine.has_unfinished():
         for event in engine.step():
-            row = int(event.request_id)  # type: ignore[call-overload]
             if event.token_id is not None:
-                tokens[row].append(event.token_id)
-            finished[row] = finished[row] or event.finished
-        # Step t of the batch is out once every row has its t-th token (or is done).
-        while emitted < max_new_tokens and all(len(tokens[b]) > emitted or finished[b] for b in range(B)):
-            yield torch.tensor([tokens[b][emitted] if len(tokens[b]) > emitted else pad_token_id for b in range(B)])
-            emitted += 1
-            if all(finished[b] and len(tokens[b]) <= emitted for b in range(B)):
-                return
-        if not engine.has_unfinished() and all(len(tokens[b]) <= emitted for b in range(B)):
-            return
+                tokens[int(event.request_id)].append(event.token_id)  # type: ignore[call-overload]
+        # Step t of the batch is out once every row still running has its t-th token (finished rows
+        # are padded); when none runs, everything left is out.
+        running = [len(tokens[b]) for b in range(B) if b in engine.requests]
+        ready = min(running) if running else max(map(len, tokens))
+        for t in range(emitted, ready):
+            yield torch.tensor([tokens[b][t] if t < len(tokens[b]) else pad_token_id for b in range(B)])
+        emitted = max(emitted, ready)
 
 
 def generate(model: Gemma2ForCausalLM, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:

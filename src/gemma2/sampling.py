@@ -23,6 +23,11 @@ class SamplingSettings:
     min_p: float | None = None
     repetition_penalty: float | None = None
 
+    @property
+    def penalizes(self) -> bool:
+        """Whether the repetition penalty changes anything (so the ids seen so far are needed)."""
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
     def validate(self) -> None:
         """Raise InputError for settings that cannot work, before any model work is done."""
         if self.do_sample and not self.temperature > 0:
@@ -125,7 +130,8 @@ def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
     logits = logits.float()
-    if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+    if settings.penalizes:
+        assert settings.repetition_penalty is not None
         logits = repetition_penalty(logits, seen, settings.repetition_penalty)
     if not settings.do_sample:
         return logits
