@@ -216,6 +216,9 @@ class Gemma2Model(Gemma2PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(Gemma2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Gemma2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The window of the sliding layers (None when there are none): their masks are built per forward.
+        sliding = [i for i in range(config.num_hidden_layers) if config.is_sliding(i)]
+        self.sliding_window: int | None = config.sliding_window if sliding else None
         self.gradient_checkpointing = False
         # A backend's fused decode step (gemma2.backends): runs the leading layers of a one-token
         # forward and returns (hidden states, how many layers ran); None runs every layer here.
@@ -291,7 +294,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if attention_mask is not None:
             padding = self._check_attention_mask(attention_mask, B, slots).to(device)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
-        window = self.config.sliding_window if any(map(self.config.is_sliding, range(len(self.layers)))) else None
+        window = self.sliding_window
         if step is not None:
             full, sliding = layer_masks(
                 query_positions, step.full_key_positions, step.sliding_key_positions, window, padding, segments
