@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+from gemma2.backends import Kernels, install
 from gemma2.backends.cpu import decode
 from gemma2.backends.cpu.layers import (
     NativeLinear,
@@ -24,35 +23,31 @@ from gemma2.backends.cpu.layers import (
 )
 from gemma2.backends.cpu.library import available, variant
 from gemma2.errors import InputError
-from gemma2.model import Gemma2Attention, Gemma2Model, Gemma2RMSNorm
-from gemma2.quant import Int4Linear, Int8Linear
+from gemma2.model import Gemma2Model
 
-__all__ = ["apply", "available", "variant"]
+__all__ = ["KERNELS", "apply", "available", "variant"]
+
+KERNELS = Kernels(
+    linear=NativeLinear,
+    norm=NativeRMSNorm,
+    attention=native_attention,
+    rotary=native_rotary,
+    soft_cap=native_soft_cap,
+    greedy_tokens=native_greedy_tokens,
+    quantized_decode=quantized_decode,
+    quantized_expand=quantized_expand,
+    decode_step=decode.decode_step,
+)
 
 
 def apply(model: Any) -> None:
-    """Install the native kernels into a model whose core modules are PyTorch's (see backends.reset)."""
+    """Install the native kernels into a model, and plan its fused decode step once."""
     if not available():
         raise InputError(
             "the cpu backend needs the native kernels, which are not available here "
             "(GEMMA2_CPU_KERNELS / GEMMA2_NATIVE_KERNELS, the CPU's features, or no C compiler)"
         )
-    for module in model.modules():
-        # Swapping the class keeps every parameter, tied weight and state-dict key as it is.
-        if type(module) is nn.Linear:
-            module.__class__ = NativeLinear
-        elif type(module) is Gemma2RMSNorm:
-            module.__class__ = NativeRMSNorm
-        elif isinstance(module, Gemma2Attention):
-            module.attention_function = native_attention
-            module.rotary = native_rotary
-        elif isinstance(module, (Int8Linear, Int4Linear)):
-            module.decode_kernel = quantized_decode
-            module.expand_kernel = quantized_expand
-    if hasattr(model, "logits_soft_cap"):
-        model.logits_soft_cap = native_soft_cap
-        model.greedy_tokens = native_greedy_tokens
+    install(model, KERNELS)
     for module in model.modules():
         if isinstance(module, Gemma2Model):
-            module.decode_step = decode.decode_step
             decode.plan(module)

@@ -22,6 +22,8 @@ from gemma2.quant import Int4Linear, Int8Linear
 class NativeLinear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose decode-sized bf16 calls run natively."""
 
+    core_class = nn.Linear  # what gemma2.backends.install swaps it for and from
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != torch.bfloat16 or not kernels.applies(x, self.weight):
             return F.linear(x, self.weight, self.bias)
@@ -31,6 +33,8 @@ class NativeLinear(nn.Linear):
 
 class NativeRMSNorm(Gemma2RMSNorm):
     """Gemma2RMSNorm whose decode-sized bf16 calls run natively (the reference's roundings)."""
+
+    core_class = Gemma2RMSNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.rms_norm_applies(x, self.weight):
