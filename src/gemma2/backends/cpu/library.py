@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels_avx512.c")  # the matrix kernels; the rest in the files below
 AVX512_SOURCES = (SOURCE, SOURCE.with_name("kernels_avx512_decode.c"))
 AVX512_HEADER = SOURCE.with_name("kernels_avx512.h")
+DECODE_LAYER_HEADER = SOURCE.with_name("kernels_decode_layer.h")  # the fused layer every variant includes
 SCALAR_SOURCE = Path(__file__).with_name("kernels_scalar.c")
 # The avx2 variant: its bf16 linear layer, every other entry point from the scalar file (see kernels_avx2.c).
 AVX2_SOURCES = (Path(__file__).with_name("kernels_avx2.c"), SCALAR_SOURCE)
@@ -65,10 +66,12 @@ class Variant:
 
 
 VARIANTS = {
-    "avx512": Variant(AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER,)),
+    "avx512": Variant(AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER, DECODE_LAYER_HEADER)),
     # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
-    "scalar": Variant((SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",)),
-    "avx2": Variant(AVX2_SOURCES, tuple(AVX2_FLAGS), AVX2_CPU_FEATURES),
+    "scalar": Variant(
+        (SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",), headers=(DECODE_LAYER_HEADER,)
+    ),
+    "avx2": Variant(AVX2_SOURCES, tuple(AVX2_FLAGS), AVX2_CPU_FEATURES, headers=(DECODE_LAYER_HEADER,)),
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
