@@ -5,10 +5,11 @@ matmul reaches about 60 % of it for a single row on AVX-512 CPUs, and its weight
 kernels less. kernels_avx512*.c reads each weight row once for up to MAX_ROWS activation rows and
 runs close to the bandwidth of a plain reduction (see `gemma2 bench`).
 
-The C file ships with the package and is compiled on first use with the system C compiler into
-the cache (keyed by its sha256), then loaded with ctypes. Everything falls back to PyTorch's own
-kernels when the library cannot be used: not x86-64 Linux, no AVX-512 BF16, no compiler, or
-GEMMA2_NATIVE_KERNELS=0. The bf16 kernel only runs where they are exact stand-ins for F.linear in
+The C files ship with the package; each variant (avx512, avx2, scalar: the same entry points and
+ABI) is compiled on first use with the system C compiler into the cache (keyed by the variant,
+its sources and headers, and its flags), then loaded with ctypes. Everything falls back to
+PyTorch's own kernels when no variant is selected or can be used: GEMMA2_CPU_KERNELS=off or
+GEMMA2_NATIVE_KERNELS=0, "auto" on a CPU without AVX-512 BF16/VNNI, no compiler. The bf16 kernel only runs where they are exact stand-ins for F.linear in
 bf16: CPU tensors, bf16 activations, no autograd, at most MAX_ROWS rows, K a multiple of 32.
 """
 
