@@ -10,7 +10,8 @@ ABI) is compiled on first use with the system C compiler into the cache (keyed b
 its sources and headers, and its flags), then loaded with ctypes. Everything falls back to
 PyTorch's own kernels when no variant is selected or can be used: GEMMA2_CPU_KERNELS=off or
 GEMMA2_NATIVE_KERNELS=0, "auto" on a CPU without AVX-512 BF16/VNNI, no compiler. The kernels
-only run where they are exact stand-ins for F.linear in bf16: CPU tensors, bf16 activations, no autograd, at most MAX_ROWS rows, K a multiple of 32.
+only run where they are exact stand-ins for F.linear in bf16: CPU tensors, bf16 activations, no
+autograd, at most MAX_ROWS rows, K a multiple of 32.
 """
 
 from __future__ import annotations
