@@ -31,6 +31,18 @@ VARIANTS = [
             not library._cpu_supports_kernels(library.CPU_FEATURES), reason="this CPU has no AVX-512 BF16/VNNI"
         ),
     ),
+    pytest.param(
+        "avx2",
+        marks=pytest.mark.skipif(
+            not library._cpu_supports_kernels(library.AVX2_CPU_FEATURES), reason="this CPU has no AVX2/FMA/F16C"
+        ),
+    ),
+    pytest.param(
+        "neon",
+        marks=pytest.mark.skipif(
+            not library._cpu_supports_kernels(library.NEON_CPU_FEATURES), reason="this CPU has no NEON dot products"
+        ),
+    ),
     pytest.param("scalar", marks=pytest.mark.skipif(COMPILER is None, reason="no C compiler")),
 ]
 
@@ -171,7 +183,7 @@ def test_unknown_backends_and_variants_are_refused() -> None:
     with pytest.raises(InputError, match="backend must be one of auto, cpu, torch, got 'gpu'"):
         apply_backend(model, "gpu")
     with pytest.raises(ValueError, match="kernel variant must be one of"):
-        library.use_variant("neon")
+        library.use_variant("sse2")
 
 
 def test_the_cpu_backend_without_kernels_is_a_clear_error() -> None:

@@ -2,9 +2,9 @@
 
 Both use the same kernels and roundings, so decode logits, caches and generated tokens must be bit
 for bit equal, over every cache kind (full, sliding ring that wraps, short ring that grows),
-padding, batches, attention bias, activations and weight widths. They run on the AVX-512 kernels
-where the CPU has them and on the portable scalar variant elsewhere (GEMMA2_TEST_KERNELS=scalar
-forces it), so every machine with a C compiler checks the fused path.
+padding, batches, attention bias, activations and weight widths. They run on the variant "auto"
+picks for this CPU (avx512, avx2 or neon) and on the portable scalar variant where there is none
+(GEMMA2_TEST_KERNELS=scalar forces one), so every machine with a C compiler checks the fused path.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from gemma2.cache import Gemma2Cache
 def _variant() -> str | None:
     if os.environ.get("GEMMA2_TEST_KERNELS"):
         return os.environ["GEMMA2_TEST_KERNELS"]
-    if library._cpu_supports_kernels(library.CPU_FEATURES):
-        return "avx512"
+    for name in library.AUTO_ORDER:
+        if library._cpu_supports_kernels(library.VARIANTS[name].cpu_features):
+            return name
     return "scalar" if shutil.which("cc") or shutil.which("gcc") else None
 
 

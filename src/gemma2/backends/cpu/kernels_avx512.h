@@ -28,23 +28,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 8
+#include "kernels_common.h" /* MAX_ROWS, to_bf16, from_bf16, round_bf16 */
+
 #define INLINE static inline __attribute__((always_inline))
-
-INLINE uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-INLINE float from_bf16(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float result;
-    memcpy(&result, &bits, sizeof result);
-    return result;
-}
 
 INLINE __m512 load_bf16x16(const uint16_t *x) {
     return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)x));
@@ -62,8 +48,6 @@ INLINE __m256i to_bf16x16(__m512 v) {
 }
 
 INLINE void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
-
-INLINE float round_bf16(float value) { return from_bf16(to_bf16(value)); }
 
 /* Entry points of kernels_avx512.c that the decode layer (kernels_avx512_decode.c) calls. */
 void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,

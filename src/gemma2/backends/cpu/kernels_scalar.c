@@ -8,6 +8,11 @@
  * argmax) it computes bit for bit the same way. See kernels_avx512*.c for the layouts and the
  * reasoning behind each rounding; comments here only say where the two differ.
  * `#pragma omp` splits rows across threads when built with -fopenmp and is ignored otherwise.
+ *
+ * The other variants (kernels_avx2.c, kernels_neon.c) define the entry points they make faster,
+ * each with a GEMMA2_OWN_<NAME> macro, and then #include this file, which supplies the rest (and
+ * the fused decoder layer, built on whichever attend() and linear kernels are in the unit): one
+ * definition of each scalar step, however many variants reuse it.
  * Requirements checked by the Python side: K % 32 == 0, G % 64 == 0, M <= MAX_ROWS.
  */
 #include <math.h>
@@ -15,37 +20,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 8 /* the ABI's limit, as in kernels_avx512*.c (these loops do not need it) */
-
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* nearest even; subnormals are kept, not flushed */
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float from_bf16(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float result;
-    memcpy(&result, &bits, sizeof result);
-    return result;
-}
-
-static inline float round_bf16(float value) { return from_bf16(to_bf16(value)); }
+#include "kernels_common.h" /* MAX_ROWS, to_bf16, from_bf16, round_bf16 */
 
 /* ---- bf16 weights: float32 accumulation, one rounding ----------------------------------------- */
 
-/* Weak where the compiler has it: the avx2 variant links this file with kernels_avx2.c, whose
- * strong gemma2_linear_bf16 then replaces this one (also in the decode layers below). */
-#if defined(__GNUC__) || defined(__clang__)
-#define GEMMA2_REPLACEABLE __attribute__((weak))
-#else
-#define GEMMA2_REPLACEABLE
-#endif
-
-GEMMA2_REPLACEABLE void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N,
-                                           int64_t K, int threads) {
+#ifndef GEMMA2_OWN_LINEAR_BF16
+void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
+                        int threads) {
     (void)threads; /* only read by the OpenMP pragma */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
@@ -56,19 +37,23 @@ GEMMA2_REPLACEABLE void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w,
         }
 }
 
+#endif
+
 /* ---- quantized weights: the AVX-512 variant's activation quantization, exact integer dots ------ */
 
+/* The activation quantization below is the same in every variant (so their integer dot products are
+ * the same numbers); static inline, as a variant that replaces both linear kernels still calls it. */
 #define INT16_RANGE 32767.0f
 
 /* Whether any of the n bf16 activations is NaN or infinite (exponent all ones). */
-static int any_non_finite(const uint16_t *x, int64_t n) {
+static inline int any_non_finite(const uint16_t *x, int64_t n) {
     for (int64_t k = 0; k < n; k++)
         if ((x[k] & 0x7f80u) == 0x7f80u) return 1;
     return 0;
 }
 
 /* The largest |x| of n bf16 values (none of them NaN). */
-static float peak_of(const uint16_t *x, int64_t n) {
+static inline float peak_of(const uint16_t *x, int64_t n) {
     float largest = 0.0f;
     for (int64_t k = 0; k < n; k++) {
         const float v = fabsf(from_bf16(x[k]));
@@ -80,7 +65,7 @@ static float peak_of(const uint16_t *x, int64_t n) {
 /* round(v * levels / largest) to nearest even for n values, 0 when largest is 0: as to_levels in
  * kernels_avx512*.c, float32 `v * (levels / largest)` unless levels / largest overflows (subnormal
  * activations), then float64 `v * levels / largest`. lrintf rounds like vcvtps2dq (nearest even). */
-static void to_levels(const uint16_t *x, int64_t n, float levels, float largest, int32_t *out) {
+static inline void to_levels(const uint16_t *x, int64_t n, float levels, float largest, int32_t *out) {
     const float inverse = largest > 0 ? levels / largest : 0.0f;
     for (int64_t k = 0; k < n; k++) {
         const float v = from_bf16(x[k]), scaled = v * inverse; /* assigned: float32 even with x87 */
@@ -88,6 +73,40 @@ static void to_levels(const uint16_t *x, int64_t n, float levels, float largest,
     }
 }
 
+/* Rows x [M, K] -> int16 levels xq [M, K] (|level| <= 32767) and the rows' scales max|x| / 32767
+ * (1 for a zero row): the activations of the int8 kernels. */
+static inline void quantize_rows16(const uint16_t *x, int64_t M, int64_t K, int16_t *xq, float *x_scale) {
+    int32_t levels[256];
+    for (int64_t m = 0; m < M; m++) {
+        const float largest = peak_of(x + m * K, K);
+        x_scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
+        for (int64_t k = 0; k < K; k += 256) {
+            const int64_t n = K - k < 256 ? K - k : 256;
+            to_levels(x + m * K + k, n, INT16_RANGE, largest, levels);
+            for (int64_t j = 0; j < n; j++) xq[m * K + k + j] = (int16_t)levels[j];
+        }
+    }
+}
+
+/* Blocks of 64 activations (count of them, x contiguous) -> int8 levels xq, each block's scale
+ * max|x_block| / 127 (0 for a zero block) and the sum of its unsaturated levels: the activations
+ * of the int4 kernels. */
+static inline void quantize_blocks64(const uint16_t *x, int64_t count, int8_t *xq, float *block_scale,
+                                     int32_t *block_sum) {
+    for (int64_t mb = 0; mb < count; mb++) {
+        const float largest = peak_of(x + 64 * mb, 64);
+        int32_t levels[64], sum = 0;
+        to_levels(x + 64 * mb, 64, 127.0f, largest, levels);
+        for (int j = 0; j < 64; j++) {
+            sum += levels[j]; /* of the unsaturated levels, as the AVX-512 code sums them */
+            xq[64 * mb + j] = (int8_t)(levels[j] > 127 ? 127 : levels[j] < -128 ? -128 : levels[j]);
+        }
+        block_scale[mb] = largest > 0 ? largest / 127.0f : 0.0f;
+        block_sum[mb] = sum;
+    }
+}
+
+#if !defined(GEMMA2_OWN_LINEAR_INT8)
 /* int8 weights q [N, K] with row scales: activations quantized per row to int16 with scale
  * max|x| / 32767 (1 for a zero row). The AVX-512 code splits each int16 into bytes for VNNI; the
  * integer dot product it reassembles is the plain one summed here in int64. Returns 1 (and computes
@@ -96,13 +115,9 @@ int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, u
                        int64_t K, int threads) {
     (void)threads;
     if (any_non_finite(x, M * K)) return 1;
-    int32_t *xq = malloc(sizeof(int32_t) * (size_t)(M * K));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
     float x_scale[MAX_ROWS];
-    for (int64_t m = 0; m < M; m++) {
-        const float largest = peak_of(x + m * K, K);
-        x_scale[m] = largest > 0 ? largest / INT16_RANGE : 1.0f;
-        to_levels(x + m * K, K, INT16_RANGE, largest, xq + m * K);
-    }
+    quantize_rows16(x, M, K, xq, x_scale);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
@@ -114,6 +129,9 @@ int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, u
     return 0;
 }
 
+#endif
+
+#if !defined(GEMMA2_OWN_LINEAR_INT4)
 /* int4 weights: activations quantized to int8 per block of 64 (scale max|x_block| / 127, 0 for a
  * zero block). Each block's dot product with the nibbles is exact in int32 (at most 64 * 15 * 127
  * plus the -8 * sum(x_q) correction); as in the AVX-512 code it is converted to float32, multiplied
@@ -126,17 +144,7 @@ int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, 
     int8_t *xq = malloc((size_t)(M * K));
     float *block_scale = malloc(sizeof(float) * (size_t)(M * blocks));
     int32_t *block_sum = malloc(sizeof(int32_t) * (size_t)(M * blocks));
-    for (int64_t mb = 0; mb < M * blocks; mb++) {
-        const float largest = peak_of(x + 64 * mb, 64);
-        int32_t levels[64], sum = 0;
-        to_levels(x + 64 * mb, 64, 127.0f, largest, levels);
-        for (int j = 0; j < 64; j++) {
-            sum += levels[j]; /* of the unsaturated levels, as the AVX-512 code sums them */
-            xq[64 * mb + j] = (int8_t)(levels[j] > 127 ? 127 : levels[j] < -128 ? -128 : levels[j]);
-        }
-        block_scale[mb] = largest > 0 ? largest / 127.0f : 0.0f;
-        block_sum[mb] = sum;
-    }
+    quantize_blocks64(x, M * blocks, xq, block_scale, block_sum);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++) {
@@ -158,6 +166,9 @@ int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, 
     return 0;
 }
 
+#endif
+
+#if !defined(GEMMA2_OWN_DEQUANTIZE)
 /* Whole int4 matrix to bf16 [N, K]: w = bf16((nibble - 8) * scale[n, k / G]). */
 void gemma2_dequantize_int4(const uint8_t *q, const float *scale, uint16_t *out, int64_t N, int64_t K, int64_t G,
                             int threads) {
@@ -179,6 +190,8 @@ void gemma2_dequantize_int8(const int8_t *q, const float *scale, uint16_t *out, 
         for (int64_t k = 0; k < K; k++) out[n * K + k] = to_bf16((float)q[n * K + k] * scale[n]);
 }
 
+#endif
+
 /* ---- attention of one new token over the cache (see kernels_avx512*.c for the layout and mask) ---- */
 
 /* bf16(tanh(x)) for every bf16 x, by its bits, as the AVX-512 code's table. Filled on first use
@@ -198,6 +211,7 @@ static inline float soft_cap1(float v, float cap) {
     return round_bf16(from_bf16(tanh_of_bf16[to_bf16(v / cap)]) * cap);
 }
 
+#if !defined(GEMMA2_OWN_ATTEND)
 /* Attention of each row's query heads over the slots it sees (seen [B, S], nonzero where visible):
  * scores bf16, times scaling in bf16, soft-capped, float32 softmax over the visible keys (expf),
  * probabilities rounded to bf16, float32 weighted sum of values rounded to bf16. A row that sees
@@ -241,8 +255,11 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     free(scratch);
 }
 
+
 /* Scratch of the fused decoder layer (kernels_decode_layer.h); never a zero-byte allocation. */
 static void *scratch_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+
+#endif
 
 #include "kernels_decode_layer.h" /* visible, the ABI structs, the fused decoder layer */
 
@@ -263,6 +280,7 @@ void gemma2_decode_attention(const uint16_t *q, const uint16_t *keys, const uint
 
 /* ---- the small per-layer operations of a decode step (one thread, the reference's roundings) ---- */
 
+#if !defined(GEMMA2_OWN_RMS_NORM)
 /* Gemma's RMSNorm: bf16(x * (1 / sqrt(mean(x^2) + eps)) * (1 + w)) in float32. */
 void gemma2_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t M, int64_t D, float eps) {
     for (int64_t m = 0; m < M; m++) {
@@ -276,6 +294,8 @@ void gemma2_rms_norm(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_
         }
     }
 }
+
+#endif
 
 /* out = x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16. */
 void gemma2_rotary(const uint16_t *x, uint16_t *out, const uint16_t *cos, const uint16_t *sin, int64_t B,
@@ -298,6 +318,7 @@ void gemma2_rotary(const uint16_t *x, uint16_t *out, const uint16_t *cos, const 
 
 /* ---- the logits of a decode step --------------------------------------------------------------- */
 
+#if !defined(GEMMA2_OWN_SOFT_CAP)
 /* out = bf16(tanh(bf16(x / cap)) * cap) for n bf16 values, tanh from the table. */
 void gemma2_soft_cap(const uint16_t *x, uint16_t *out, int64_t n, float cap, int threads) {
     (void)threads;
@@ -306,6 +327,9 @@ void gemma2_soft_cap(const uint16_t *x, uint16_t *out, int64_t n, float cap, int
     for (int64_t i = 0; i < n; i++) out[i] = to_bf16(soft_cap1(from_bf16(x[i]), cap));
 }
 
+#endif
+
+#if !defined(GEMMA2_OWN_ARGMAX)
 /* Index of the largest of each row's n bf16 values, as torch.argmax: the first of equal largest
  * values (0 and -0 are equal), the first NaN if there is one (-1 for an empty row, as AVX-512). */
 void gemma2_argmax_bf16(const uint16_t *x, int64_t rows, int64_t n, int64_t *out) {
@@ -326,3 +350,4 @@ void gemma2_argmax_bf16(const uint16_t *x, int64_t rows, int64_t n, int64_t *out
         out[r] = winner;
     }
 }
+#endif

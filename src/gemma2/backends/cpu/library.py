@@ -1,17 +1,23 @@
 """The native CPU kernel library: its variants, the build into the cache, loading with ctypes.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. PyTorch's bf16
-matmul reaches about 60 % of it for a single row on AVX-512 CPUs, and its weight-only int8/int4
-kernels less. kernels_avx512*.c reads each weight row once for up to MAX_ROWS activation rows and
-runs close to the bandwidth of a plain reduction (see `gemma2 bench`).
+matrix-vector product falls well short of it (about 60 % on AVX-512 CPUs, far less on AVX2 ones), and
+its weight-only int8/int4 kernels further. The kernels read each weight row once for up to MAX_ROWS
+activation rows and run close to the bandwidth of a plain reduction (see `gemma2 bench`).
 
-The C files ship with the package; each variant (avx512, avx2, scalar: the same entry points and
-ABI) is compiled on first use with the system C compiler into the cache (keyed by the variant,
-its sources and headers, and its flags), then loaded with ctypes. Everything falls back to
-PyTorch's own kernels when no variant is selected or can be used: GEMMA2_CPU_KERNELS=off or
-GEMMA2_NATIVE_KERNELS=0, "auto" on a CPU without AVX-512 BF16/VNNI, no compiler. The kernels
-only run where they are exact stand-ins for F.linear in bf16: CPU tensors, bf16 activations, no
-autograd, at most MAX_ROWS rows, K a multiple of 32.
+The C files ship with the package. Each variant has the same entry points and ABI:
+  avx512  kernels_avx512*.c: AVX-512 BF16 + VNNI (Sapphire Rapids and later, Zen 4 and later)
+  avx2    kernels_avx2.c: AVX2 + FMA + F16C (x86-64-v3: Haswell and later, Zen 1-3)
+  neon    kernels_neon.c: AArch64 Advanced SIMD with dot products (Apple M1 and later, Graviton 2
+          and later, Neoverse, Cortex-A76 and later)
+  scalar  kernels_scalar.c: portable C99, the reference the others are tested against
+avx2 and neon #include the scalar file for the entry points they do not make faster. A variant is
+compiled on first use with the system C compiler into the cache (keyed by the variant, its sources
+and headers, its flags and the compiler's version), then loaded with ctypes. GEMMA2_CPU_KERNELS
+picks one (auto: the fastest this CPU runs); PyTorch's own kernels run where none is selected or
+can be used: GEMMA2_CPU_KERNELS=off or GEMMA2_NATIVE_KERNELS=0, a CPU with none of the features, no
+compiler. The kernels only run where they are exact stand-ins for F.linear in bf16: CPU tensors,
+bf16 activations, no autograd, at most MAX_ROWS rows, K a multiple of 32.
 """
 
 from __future__ import annotations
@@ -33,12 +39,16 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels_avx512.c")  # the matrix kernels; the rest in the files below
 AVX512_SOURCES = (SOURCE, SOURCE.with_name("kernels_avx512_decode.c"))
 AVX512_HEADER = SOURCE.with_name("kernels_avx512.h")
+COMMON_HEADER = SOURCE.with_name("kernels_common.h")  # bf16 conversions and MAX_ROWS, for every variant
 DECODE_LAYER_HEADER = SOURCE.with_name("kernels_decode_layer.h")  # the fused layer every variant includes
-SCALAR_SOURCE = Path(__file__).with_name("kernels_scalar.c")
-# The avx2 variant: its bf16 linear layer, every other entry point from the scalar file (see kernels_avx2.c).
-AVX2_SOURCES = (Path(__file__).with_name("kernels_avx2.c"), SCALAR_SOURCE)
+SCALAR_SOURCE = SOURCE.with_name("kernels_scalar.c")
+# The avx2 and neon variants: their own fast entry points, then `#include "kernels_scalar.c"` for the rest.
+AVX2_SOURCES = (SOURCE.with_name("kernels_avx2.c"),)
+NEON_SOURCES = (SOURCE.with_name("kernels_neon.c"),)
+SCALAR_HEADERS = (SCALAR_SOURCE, COMMON_HEADER, DECODE_LAYER_HEADER)
 AVX2_CPU_FEATURES = ("avx2", "fma", "f16c")  # x86-64-v3
-MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in kernels_avx512.c and kernels_scalar.c
+NEON_CPU_FEATURES = ("asimd", "asimddp")  # AArch64 /proc/cpuinfo names: Advanced SIMD and its dot products
+MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in kernels_common.h
 SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
 FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
@@ -46,12 +56,14 @@ SCALAR_FLAGS = ["-O2", "-fopenmp", "-shared", "-fPIC"]
 # -ffp-contract=off: with -mfma GCC would fuse the scalar file's a * b + c into FMAs, and its entry
 # points would no longer be the scalar variant's bit for bit.
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-# Which variant _library() loads: "auto" (the default) is avx512 where the CPU has it and PyTorch's
-# kernels elsewhere, since the scalar variant is a portable correctness reference, not a fast path,
-# and the avx2 variant (AVX2 + FMA bf16 linear layers, the rest scalar) is opt-in only.
+NEON_FLAGS = ["-O3", "-march=armv8.2-a+dotprod", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# Which variant _library() loads: "auto" (the default) is the fastest one this CPU runs (avx512,
+# then avx2 on x86-64, neon on AArch64) and PyTorch's kernels on any other CPU; the scalar variant
+# is a portable correctness reference, not a fast path, so only asking for it chooses it.
 # GEMMA2_NATIVE_KERNELS=0 (the older switch) means "off" too.
 VARIANT_ENV = "GEMMA2_CPU_KERNELS"
-VARIANT_CHOICES = ("auto", "avx512", "avx2", "scalar", "off")
+VARIANT_CHOICES = ("auto", "avx512", "avx2", "neon", "scalar", "off")
+AUTO_ORDER = ("avx512", "avx2", "neon")  # fastest first
 
 _c_int64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -68,27 +80,74 @@ class Variant:
 
 
 VARIANTS = {
-    "avx512": Variant(AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER, DECODE_LAYER_HEADER)),
-    # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
-    "scalar": Variant(
-        (SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",), headers=(DECODE_LAYER_HEADER,)
+    "avx512": Variant(
+        AVX512_SOURCES, tuple(FLAGS), CPU_FEATURES, headers=(AVX512_HEADER, COMMON_HEADER, DECODE_LAYER_HEADER)
     ),
-    "avx2": Variant(AVX2_SOURCES, tuple(AVX2_FLAGS), AVX2_CPU_FEATURES, headers=(DECODE_LAYER_HEADER,)),
+    # Builds without OpenMP too (a compiler without it, e.g. Apple's clang): one thread then.
+    "scalar": Variant((SCALAR_SOURCE,), tuple(SCALAR_FLAGS), optional_flags=("-fopenmp",), headers=SCALAR_HEADERS),
+    "avx2": Variant(AVX2_SOURCES, tuple(AVX2_FLAGS), AVX2_CPU_FEATURES, ("-fopenmp",), SCALAR_HEADERS),
+    "neon": Variant(NEON_SOURCES, tuple(NEON_FLAGS), NEON_CPU_FEATURES, ("-fopenmp",), SCALAR_HEADERS),
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}  # the libraries load_variant has loaded, by variant
 
 
+@lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+    """This CPU's instruction-set features, by their Linux /proc/cpuinfo names (empty where unknown).
+
+    x86-64 Linux: the "flags" line; AArch64 Linux: the "Features" line (the kernel's HWCAP bits,
+    as the auxiliary vector has them); macOS on Apple silicon: `sysctl hw.optional.arm.FEAT_*`.
+    """
+    system, machine = platform.system(), platform.machine().lower()
+    if system == "Linux":
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() in ("flags", "features"):
+                return frozenset(value.split())
+        return frozenset()
+    if system == "Darwin" and machine == "arm64":
+        names = {"asimd"}  # every Apple silicon CPU
+        for feature, name in (("FEAT_DotProd", "asimddp"), ("FEAT_BF16", "bf16"), ("FEAT_I8MM", "i8mm")):
+            done = subprocess.run(
+                ["sysctl", "-n", f"hw.optional.arm.{feature}"], capture_output=True, text=True, check=False
+            )
+            if done.stdout.strip() == "1":
+                names.add(name)
+        return frozenset(names)
+    return frozenset()
+
+
+def cpu_architecture() -> str:
+    """x86_64, aarch64 or what platform.machine() says (lower case)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
 def _cpu_supports_kernels(features: tuple[str, ...] = CPU_FEATURES) -> bool:
+    """Whether this CPU has every feature of a variant (and the architecture those names belong to)."""
     if not features:
         return True
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+    architecture = "aarch64" if features[0] == "asimd" else "x86_64"
+    return cpu_architecture() == architecture and set(features) <= cpu_features()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+@lru_cache(maxsize=4)
+def _compiler_version(compiler: str) -> str:
+    """The compiler's --version banner: part of the cache key, so a new compiler builds anew."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return all(f" {feature}" in flags for feature in features)
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.splitlines()[0] if done.stdout else ""
 
 
 def _build(directory: Path, name: str = "avx512") -> Path:
@@ -97,7 +156,7 @@ def _build(directory: Path, name: str = "avx512") -> Path:
     library = directory / "libgemma2_cpu.so"
     if library.exists():
         return library
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         raise OSError("no C compiler found (set CC)")
     directory.mkdir(parents=True, exist_ok=True)
@@ -168,12 +227,15 @@ def load_variant(name: str) -> ctypes.CDLL:
         return _loaded[name]
     variant = VARIANTS[name]
     if not _cpu_supports_kernels(variant.cpu_features):
-        raise OSError(f"the {name} kernels need x86-64 Linux with {', '.join(variant.cpu_features)}")
+        architecture = "AArch64" if variant.cpu_features[0] == "asimd" else "x86-64"
+        raise OSError(f"the {name} kernels need an {architecture} CPU with {', '.join(variant.cpu_features)}")
     from gemma2.paths import cache_dir
 
     # The variant, its source and its flags all go into the key: each build gets its own directory.
     code = b"".join(path.read_bytes() for path in (*variant.sources, *variant.headers))
-    key = name.encode() + b"\0" + code + " ".join(variant.flags).encode()
+    compiler = _compiler()
+    version = _compiler_version(compiler) if compiler else ""
+    key = name.encode() + b"\0" + code + " ".join(variant.flags).encode() + b"\0" + version.encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     library = _declare(ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest, name))))
     _loaded[name] = library
@@ -184,7 +246,7 @@ _chosen: list[str] = []  # a variant use_variant() chose for this process, over 
 
 
 def use_variant(name: str | None) -> None:
-    """Run this process on kernel variant `name` (auto, avx512, avx2, scalar or off); None: back to GEMMA2_CPU_KERNELS.
+    """Run this process on kernel variant `name` (one of VARIANT_CHOICES); None: back to GEMMA2_CPU_KERNELS.
 
     Models with the cpu backend follow at their next call (where a variant cannot run, they use
     PyTorch's ops): tests compare the variants and the op path in one process this way.
@@ -196,7 +258,7 @@ def use_variant(name: str | None) -> None:
 
 
 def _requested_variant() -> str:
-    """GEMMA2_CPU_KERNELS (auto, avx512, avx2, scalar or off; GEMMA2_NATIVE_KERNELS=0 means off)."""
+    """GEMMA2_CPU_KERNELS (one of VARIANT_CHOICES; GEMMA2_NATIVE_KERNELS=0 means off)."""
     if _chosen:
         return _chosen[0]
     raw = os.environ.get(VARIANT_ENV, "auto")
@@ -211,7 +273,9 @@ def _library() -> ctypes.CDLL | None:
     """The kernels GEMMA2_CPU_KERNELS selects, or None for PyTorch's own (a failed build warns)."""
     name = _requested_variant()
     if name == "auto":
-        name = "avx512" if _cpu_supports_kernels(VARIANTS["avx512"].cpu_features) else "off"
+        name = next((n for n in AUTO_ORDER if _cpu_supports_kernels(VARIANTS[n].cpu_features)), "off")
+        if name == "off":
+            logger.warning("gemma2: no native CPU kernels for this CPU (%s), using PyTorch's ops", cpu_architecture())
     if name == "off":
         return None
     try:
@@ -222,7 +286,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def variant() -> str | None:
-    """Which variant _library() loaded ("avx512", "scalar" or "avx2"), or None when it uses PyTorch's kernels."""
+    """Which variant _library() loaded (a key of VARIANTS), or None when it uses PyTorch's kernels."""
     library = _library()
     return next((name for name, loaded in _loaded.items() if loaded is library), None)
 

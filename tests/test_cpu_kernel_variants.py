@@ -1,10 +1,12 @@
-"""The portable scalar variant of the native kernels (kernels_scalar.c) and variant selection.
+"""Every kernel variant this CPU runs, against PyTorch references, and variant selection.
 
-The scalar library is loaded next to whichever one the process uses (cpu_kernels.load_variant) and
-its entry points are called directly with ctypes, against PyTorch references: the same tolerances
-as tests/test_cpu_kernels.py where the kernels sum in float32, bit for bit where the AVX-512
-variant is exact. Where this CPU runs the AVX-512 variant too, the two are compared with each other.
-These run on any CPU with a C compiler.
+Each variant's library (the portable scalar one everywhere, avx2 / neon / avx512 where the CPU has
+the instructions) is loaded next to whichever one the process uses (cpu_kernels.load_variant) and its
+entry points are called directly with ctypes, against PyTorch references: the same tolerances as
+tests/test_cpu_kernels.py where the kernels sum in float32, bit for bit where the kernels are exact.
+Where this CPU runs the AVX-512 variant too, it is compared with the scalar one. The variants a CPU
+cannot run are compiled (tests/test_cpu_kernels_avx2.py, tests/test_cpu_kernels_neon.py). The
+scalar variant's tests run on any CPU with a C compiler.
 """
 
 from __future__ import annotations
@@ -33,8 +35,19 @@ X86_64 = platform.machine() in ("x86_64", "AMD64")
 EVERY_BF16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(BF16)
 
 
+RUNNABLE = [
+    name for name, variant in cpu_kernels.VARIANTS.items() if cpu_kernels._cpu_supports_kernels(variant.cpu_features)
+]
+
+
+@pytest.fixture(scope="module", params=RUNNABLE)
+def lib(request: pytest.FixtureRequest) -> ctypes.CDLL:
+    """Each variant this CPU can run, in turn (the scalar one on every CPU)."""
+    return cpu_kernels.load_variant(request.param)
+
+
 @pytest.fixture(scope="module")
-def lib() -> ctypes.CDLL:
+def scalar() -> ctypes.CDLL:
     return cpu_kernels.load_variant("scalar")
 
 
@@ -264,6 +277,26 @@ def test_results_do_not_depend_on_the_thread_count(lib: ctypes.CDLL) -> None:
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_batched_with_it(lib: ctypes.CDLL) -> None:
+    """Batch invariance: each activation row gives the same bits alone as among 1..8 rows, for every
+    weight format (the engine batches requests that must decode as they would alone)."""
+    g = generator(9)
+    x = torch.randn(8, 576, generator=g).bfloat16()
+    w = torch.randn(45, 576, generator=g).bfloat16()
+    q, scale8 = int8_case(45, 576, seed=9)
+    packed, scale4, _ = int4_case(45, 576, 64, seed=9)
+    cases = {
+        "bf16": lambda rows: linear(lib, "bf16", rows, w),
+        "int8": lambda rows: linear(lib, "int8", rows, q, scale8),
+        "int4": lambda rows: linear(lib, "int4", rows, packed, scale4, G=64),
+    }
+    for kind, run in cases.items():
+        every = run(x)
+        for M in (1, 2, 3, 5, 8):
+            for start in range(0, 8 - M + 1, 3):
+                assert torch.equal(run(x[start : start + M].contiguous()), every[start : start + M]), (kind, M, start)
 
 
 @pytest.mark.parametrize("G", [64, 128, 256])
@@ -551,7 +584,8 @@ def test_decode_layers_equal_their_kernels_composed(lib: ctypes.CDLL) -> None:
 # Scalar against AVX-512, where this CPU runs both
 
 
-def test_scalar_and_avx512_agree(lib: ctypes.CDLL, avx: ctypes.CDLL) -> None:
+def test_scalar_and_avx512_agree(scalar: ctypes.CDLL, avx: ctypes.CDLL) -> None:
+    lib = scalar
     g = generator(3)
     for M in (1, 3, 8):
         for N, K in LINEAR_SHAPES:
@@ -626,12 +660,12 @@ SELECTION = """
     from gemma2.backends.cpu import library as cpu_kernels
     logging.basicConfig()
     results = {}
-    for setting in ["bogus", "scalar", "SCALAR", "off", "scalar+disabled", "avx512-missing", "auto"]:
+    for setting in ["bogus", "scalar", "SCALAR", "off", "scalar+disabled", "avx512-missing", "auto-missing", "auto"]:
         cpu_kernels._library.cache_clear()
         os.environ["GEMMA2_CPU_KERNELS"] = setting.split("+")[0].split("-")[0]
         os.environ["GEMMA2_NATIVE_KERNELS"] = "0" if setting.endswith("+disabled") else "1"
         supports = cpu_kernels._cpu_supports_kernels
-        if setting.endswith("-missing"):  # a CPU without AVX-512: forcing it gives PyTorch's kernels
+        if setting.endswith("-missing"):  # a CPU without the features: PyTorch's kernels
             cpu_kernels._cpu_supports_kernels = lambda features=(): not features
         try:
             results[setting] = [cpu_kernels.variant(), cpu_kernels.available()]
@@ -654,16 +688,20 @@ def test_gemma2_cpu_kernels_selects_the_variant() -> None:
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     error = results["bogus"]
-    assert "GEMMA2_CPU_KERNELS" in error and "'bogus'" in error and "auto, avx512, avx2, scalar, off" in error
+    assert "GEMMA2_CPU_KERNELS" in error and "'bogus'" in error and ", ".join(cpu_kernels.VARIANT_CHOICES) in error
     assert results["scalar"] == results["SCALAR"] == ["scalar", True]
     assert results["off"] == results["scalar+disabled"] == [None, False]
     assert results["avx512-missing"] == [None, False]
+    # A CPU with none of the variants' features: PyTorch's ops, said once.
+    assert results["auto-missing"] == [None, False]
     assert "native CPU kernels unavailable" in done.stderr and "avx512" in done.stderr
-    can_run_avx512 = cpu_kernels._cpu_supports_kernels(cpu_kernels.CPU_FEATURES)
-    assert results["auto"] == (["avx512", True] if can_run_avx512 else [None, False])
+    fastest = next((name for name in cpu_kernels.AUTO_ORDER if name in RUNNABLE), None)
+    assert results["auto"] == [fastest, fastest is not None]
+    assert done.stderr.count("no native CPU kernels for this CPU") == (1 if fastest else 2)
 
 
-def test_each_variant_has_its_own_cached_library(lib: ctypes.CDLL) -> None:
+def test_each_variant_has_its_own_cached_library(scalar: ctypes.CDLL) -> None:
+    lib = scalar
     path = Path(lib._name)
     assert path.name == "libgemma2_cpu.so" and path.parent.parent.name == "kernels"
     assert cpu_kernels.load_variant("scalar") is lib
