@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: venv run test test-slow lint format clean
+.PHONY: venv run test test-slow lint format clean arm-tools
 
 # What the main job needs: torch (CPU build), the package, the tokenizer and the native kernels.
 $(BIN)/.installed: pyproject.toml
@@ -17,10 +17,23 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m gemma2.io.assets
 	touch $@
 
-# The tests and lint add the oracle (transformers), orbax with jax, peft, pytest, ruff and mypy.
+# The tests and lint add the oracle (transformers), orbax with jax, peft, pytest, ruff and mypy, and,
+# where apt-get works (Debian, Ubuntu), the AArch64 cross compiler and qemu-user that run the NEON
+# kernels' tests on an x86-64 machine (best effort: without them those tests say what is missing).
 $(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[test,dev]"
+	-@$(MAKE) --no-print-directory arm-tools
 	touch $@
+
+ARM_TOOLS := gcc-aarch64-linux-gnu qemu-user
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+arm-tools:
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(ARM_TOOLS) >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(ARM_TOOLS) >/dev/null 2>&1; } || \
+		echo "notice: could not install $(ARM_TOOLS); the NEON kernel tests will skip"; \
+	else echo "notice: no apt-get; the NEON kernel tests need aarch64-linux-gnu-gcc and qemu-aarch64"; fi
 
 venv: $(BIN)/.installed
 

@@ -20,7 +20,7 @@ from gemma2 import Gemma2Cache, InputError
 from gemma2 import quant as qz
 from gemma2.attention import ATTENTION_FUNCTIONS, register_attention
 from gemma2.backends import apply_backend, describe, reset
-from gemma2.backends.cpu import decode, library
+from gemma2.backends.cpu import decode, library, prefill
 from gemma2.backends.cpu.layers import NativeLinear, NativeRMSNorm
 
 COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -128,7 +128,9 @@ def test_fused_decode_of_rows_at_different_positions_equals_the_op_path(
 
 
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True)
-def test_backends_switch_back_and_forth_in_one_process(variant: str) -> None:
+def test_backends_switch_back_and_forth_in_one_process(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prompts in bf16 products under both backends (not in float32: tests/test_prefill_float32.py).
+    monkeypatch.setenv(prefill.SETTING_ENV, "0")
     model = model_of("bf16")
     ids = torch.randint(2, 200, (2, 9), generator=torch.Generator().manual_seed(3))
     apply_backend(model, "torch")

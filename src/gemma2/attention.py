@@ -97,10 +97,12 @@ def eager_attention(
     softcap: float | None,
     dropout: float = 0.0,
     query_start: int = 0,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
 ) -> torch.Tensor:
     """Exact attention of all queries at once; returns [B, T, H, D].
 
-    query_start offsets `query` into the mask's queries (used by the tiled kernel).
+    query_start offsets `query` into the mask's queries (used by the tiled kernel). `matmul` computes
+    the two products (a backend may sum them another way, rounding to the same dtype).
     """
     B, H, T, D = query.shape
     K, S = key.shape[1], key.shape[2]
@@ -108,13 +110,13 @@ def eager_attention(
     # Grouped-query attention without copying keys: the G query heads that share a key/value head
     # are contiguous (h = kv * G + g), so fold them into the row dimension: [B, K, G*T, D].
     grouped = query.reshape(B, K, G * T, D)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, K, G*T, S]
+    scores = matmul(grouped, key.transpose(-1, -2)) * scaling  # [B, K, G*T, S]
     scores = soft_cap(scores, softcap)
     scores = scores.view(B, K, G, T, S) + mask.additive(query.dtype, query_start, query_start + T)[:, :, None]
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout > 0.0:
         probs = F.dropout(probs, p=dropout, training=True)
-    out = torch.matmul(probs.view(B, K, G * T, S), value)  # [B, K, G*T, D]
+    out = matmul(probs.view(B, K, G * T, S), value)  # [B, K, G*T, D]
     return out.view(B, H, T, D).transpose(1, 2)
 
 
@@ -127,10 +129,11 @@ def attention(
     softcap: float | None,
     dropout: float = 0.0,
     score_budget_bytes: int | None = None,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
 ) -> torch.Tensor:
     """Exact attention, tiled over queries when the full score tensor would exceed the budget.
 
-    The budget defaults to DEFAULT_SCORE_BUDGET_BYTES, read at call time.
+    The budget defaults to DEFAULT_SCORE_BUDGET_BYTES, read at call time; `matmul` as eager_attention's.
     """
     if score_budget_bytes is None:
         score_budget_bytes = DEFAULT_SCORE_BUDGET_BYTES
@@ -139,10 +142,12 @@ def attention(
     # float32 probabilities plus the activation-dtype scores: count 8 bytes per score.
     row_bytes = B * H * S * 8
     if T * row_bytes <= score_budget_bytes:
-        return eager_attention(query, key, value, mask, scaling, softcap, dropout)
+        return eager_attention(query, key, value, mask, scaling, softcap, dropout, matmul=matmul)
     block = max(1, score_budget_bytes // row_bytes)
     outputs = [
-        eager_attention(query[:, :, lo : lo + block], key, value, mask, scaling, softcap, dropout, query_start=lo)
+        eager_attention(
+            query[:, :, lo : lo + block], key, value, mask, scaling, softcap, dropout, query_start=lo, matmul=matmul
+        )
         for lo in range(0, T, block)
     ]
     return torch.cat(outputs, dim=1)

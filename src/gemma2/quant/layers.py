@@ -149,7 +149,8 @@ class _QuantizedLinear(nn.Module):
         """Weight rows lo:hi as a [hi - lo, in_features] matrix in dtype."""
         raise NotImplementedError
 
-    def _expand(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    def expand_rows(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Weight rows lo:hi expanded to dtype (the backend's expand kernel where it has one)."""
         if self.expand_kernel is not None:
             rows = self.expand_kernel(self, lo, hi, dtype)
             if rows is not None:
@@ -158,7 +159,7 @@ class _QuantizedLinear(nn.Module):
 
     def expanded_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T with W expanded a block of rows at a time (no bias): exact for any input."""
-        return _blockwise_linear(x, self.out_features, lambda lo, hi: self._expand(lo, hi, x.dtype))
+        return _blockwise_linear(x, self.out_features, lambda lo, hi: self.expand_rows(lo, hi, x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = None

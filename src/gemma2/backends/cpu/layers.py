@@ -1,7 +1,8 @@
 """What the CPU backend installs into a built model: modules and functions with the core's signatures.
 
-Each runs its native kernel (kernels.py) where that is an exact stand-in for the PyTorch op, and
-the core's own op everywhere else (prompts, training, float32, other devices).
+Each runs its native kernel (kernels.py) where that is an exact stand-in for the PyTorch op; prompts
+on CPUs without bf16 matrix instructions multiply in float32 (prefill.py); the core's own op runs
+everywhere else (training, float32 models, other devices).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma2.attention import MaskSpec, attention, soft_cap
-from gemma2.backends.cpu import kernels
+from gemma2.backends.cpu import kernels, prefill
 from gemma2.heads import greedy_tokens
 from gemma2.model import Gemma2RMSNorm, apply_rotary
 from gemma2.quant import Int4Linear, Int8Linear
@@ -25,9 +26,14 @@ class NativeLinear(nn.Linear):
     core_class = nn.Linear  # what gemma2.backends.install swaps it for and from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype != torch.bfloat16 or not kernels.applies(x, self.weight):
+        if self.weight.dtype != torch.bfloat16:
             return F.linear(x, self.weight, self.bias)
-        out = kernels.linear_bf16(x, self.weight)
+        if kernels.applies(x, self.weight):
+            out = kernels.linear_bf16(x, self.weight)
+        elif prefill.applies(x, self.weight):
+            out = prefill.linear(x, self.out_features, lambda lo, hi: self.weight[lo:hi])
+        else:
+            return F.linear(x, self.weight, self.bias)
         return out if self.bias is None else out + self.bias
 
 
@@ -71,7 +77,8 @@ def native_attention(
             scaling,
             softcap,
         )
-    return attention(query, key, value, mask, scaling, softcap, dropout)
+    matmul = prefill.matmul if prefill.applies(query, key, value) else torch.matmul
+    return attention(query, key, value, mask, scaling, softcap, dropout, matmul=matmul)
 
 
 def native_soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -89,11 +96,14 @@ def native_greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_decode(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """A quantized layer's decode-sized matmul (no bias); None where the kernel does not apply.
+    """A quantized layer's matmul (no bias): decode-sized ones natively, prompts in float32 where that
+    is faster (prefill.py); None where neither applies.
 
     Non-finite activations cannot go through the integer kernels: they take the exact float path.
     """
     if not kernels.applies(x, layer.weight_scale):
+        if prefill.applies(x):
+            return prefill.linear(x, layer.out_features, lambda lo, hi: layer.expand_rows(lo, hi, torch.bfloat16))
         return None
     scale = layer.weight_scale.float()
     if isinstance(layer, Int8Linear):

@@ -52,7 +52,9 @@ MAX_ROWS = 8  # activation rows per call; must match MAX_ROWS in kernels_common.
 SMALL_OP_ROWS = 64  # rows up to which the single-threaded norm runs natively (decode and small batches)
 CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")  # /proc/cpuinfo names
 FLAGS = ["-O3", *(f"-m{feature.replace('_', '')}" for feature in CPU_FEATURES), "-fopenmp", "-shared", "-fPIC"]
-SCALAR_FLAGS = ["-O2", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off everywhere: GCC fuses a * b + c into FMAs by default where the target has them
+# (AArch64), and the scalar reference would then round differently from the variants built on it.
+SCALAR_FLAGS = ["-O2", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 # -ffp-contract=off: with -mfma GCC would fuse the scalar file's a * b + c into FMAs, and its entry
 # points would no longer be the scalar variant's bit for bit.
 AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
