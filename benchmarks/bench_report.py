@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench_setup import GEMMA2, MEASUREMENTS, TRANSFORMERS, Settings
+from bench_setup import GEMMA2, LLAMA_CPP, MEASUREMENTS, TRANSFORMERS, Settings
 
 # ----------------------------------------------------------------------------------------------
 # Report
@@ -177,6 +177,34 @@ def targets(
             lambda x: x <= 1.1,
             _x,
         ),
+    ]
+    # Against llama.cpp on the same weights and CPU (batch 1), where it is installed.
+    llama = f"{LLAMA_CPP} bf16"
+    checks += [
+        ("bf16 decode / llama.cpp BF16", ">= 1x", ratio(decode, v(llama, "decode")), lambda x: x >= 1, _x),
+        (
+            "int8 decode / llama.cpp Q8_0",
+            ">= 1x",
+            ratio(v(f"{GEMMA2} int8", "decode"), v(f"{LLAMA_CPP} Q8_0", "decode")),
+            lambda x: x >= 1,
+            _x,
+        ),
+        (
+            "int4 decode / llama.cpp Q4_0",
+            ">= 1x",
+            ratio(v(f"{GEMMA2} int4", "decode"), v(f"{LLAMA_CPP} Q4_0", "decode")),
+            lambda x: x >= 1,
+            _x,
+        ),
+        (
+            f"bf16 prefill {settings.prompt} / llama.cpp BF16",
+            ">= 1x",
+            ratio(v(GEMMA2, "prefill512"), v(llama, "prefill512")),
+            lambda x: x >= 1,
+            _x,
+        ),
+        ("bf16 decode / bound, any CPU", ">= 80%", bf16.get("share_of_bound"), lambda x: x >= 0.8, _pct),
+        (f"batch-{settings.batch} / batch-1, any CPU", ">= 4x", bf16.get("batch_over_single"), lambda x: x >= 4, _x),
     ]
     return [
         Target(name, goal, x, "-" if x is None else show(x), None if x is None else passes(x))

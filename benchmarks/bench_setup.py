@@ -190,8 +190,13 @@ def cpu_model_name() -> str:
 def measure_machine(bandwidth_gib: float) -> dict[str, Any]:
     import torch
 
+    from gemma2.backends.cpu import library, prefill
+
     return {
         "cpu": cpu_model_name(),
+        "cpu_features": library.cpu_summary(),
+        "kernels": library.variant() or "PyTorch ops",
+        "prompt_products": "float32" if prefill.enabled() else "bf16",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": read_bandwidth_gbs(bandwidth_gib),

@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
 
         machine = measure_machine(args.bandwidth_gib)
         print(
-            f"CPU {machine['cpu']}; torch {machine['torch']}, {machine['threads']} threads\n"
+            f"CPU {machine['cpu']} ({machine['cpu_features']})\n"
+            f"torch {machine['torch']}, {machine['threads']} threads\n"
+            f"gemma2 kernels: {machine['kernels']} (GEMMA2_CPU_KERNELS), prompts in {machine['prompt_products']}\n"
             f"read bandwidth {machine['bandwidth_gbs']:.1f} GB/s (sum over {args.bandwidth_gib:g} GiB float32), "
             f"bf16 matmul {machine['matmul_bf16_gflops']:.0f} GFLOP/s (2048^3 F.linear)\n"
             f"shape: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "

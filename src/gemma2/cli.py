@@ -183,11 +183,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     import os
 
-    from gemma2.backends.cpu import library
+    from gemma2.backends.cpu import library, prefill
 
     kernels = library.variant()
     chosen = os.environ.get(library.VARIANT_ENV, "auto")
+    print(f"cpu: {library.cpu_summary()}")
     print(f"kernels: {'native CPU (' + kernels + ')' if kernels else 'PyTorch ops'} ({library.VARIANT_ENV}={chosen})")
+    print(f"prompts: {'float32' if prefill.enabled() else 'bf16'} products ({prefill.SETTING_ENV})")
     print(config.to_json_string(), end="")
     return 0
 

@@ -130,6 +130,13 @@ def cpu_architecture() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
+def cpu_summary() -> str:
+    """The architecture and the features the variants look for, e.g. "x86_64: avx2 fma f16c"."""
+    wanted = {*CPU_FEATURES, *AVX2_CPU_FEATURES, *NEON_CPU_FEATURES, "amx_bf16", "bf16", "i8mm"}
+    present = sorted(wanted & cpu_features())
+    return f"{cpu_architecture()}: {' '.join(present) if present else 'none of the features the kernels use'}"
+
+
 def _cpu_supports_kernels(features: tuple[str, ...] = CPU_FEATURES) -> bool:
     """Whether this CPU has every feature of a variant (and the architecture those names belong to)."""
     if not features:
