@@ -12,8 +12,8 @@ The C files ship with the package. Each variant has the same entry points and AB
           and later, Neoverse, Cortex-A76 and later)
   scalar  kernels_scalar.c: portable C99, the reference the others are tested against
 avx2 and neon #include the scalar file for the entry points they do not make faster. A variant is
-compiled on first use with the system C compiler into the cache (keyed by the variant, its sources
-and headers, its flags and the compiler's version), then loaded with ctypes. GEMMA2_CPU_KERNELS
+compiled on first use with the system C compiler into the cache (keyed by the variant, its sources,
+headers and flags), then loaded with ctypes. GEMMA2_CPU_KERNELS
 picks one (auto: the fastest this CPU runs); PyTorch's own kernels run where none is selected or
 can be used: GEMMA2_CPU_KERNELS=off or GEMMA2_NATIVE_KERNELS=0, a CPU with none of the features, no
 compiler. The kernels only run where they are exact stand-ins for F.linear in bf16: CPU tensors,
@@ -149,16 +149,6 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-@lru_cache(maxsize=4)
-def _compiler_version(compiler: str) -> str:
-    """The compiler's --version banner: part of the cache key, so a new compiler builds anew."""
-    try:
-        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.splitlines()[0] if done.stdout else ""
-
-
 def _build(directory: Path, name: str = "avx512") -> Path:
     """Compile variant `name` into directory (atomically: a half-written library never appears)."""
     variant = VARIANTS[name]
@@ -242,9 +232,9 @@ def load_variant(name: str) -> ctypes.CDLL:
 
     # The variant, its source and its flags all go into the key: each build gets its own directory.
     code = b"".join(path.read_bytes() for path in (*variant.sources, *variant.headers))
-    compiler = _compiler()
-    version = _compiler_version(compiler) if compiler else ""
-    key = name.encode() + b"\0" + code + " ".join(variant.flags).encode() + b"\0" + version.encode()
+    # Not the compiler: a library once built keeps loading after the compiler changes or is gone. The
+    # flags name the instruction set (never -march=native), so a cache shared between CPUs is safe.
+    key = name.encode() + b"\0" + code + " ".join(variant.flags).encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     library = _declare(ctypes.CDLL(str(_build(cache_dir() / "kernels" / digest, name))))
     _loaded[name] = library
