@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -36,18 +35,10 @@ from gemma2.backends.cpu.layers import NativeLinear
 TESTS = Path(__file__).parent
 
 
-def _cpu_flags() -> set[str]:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":")[1].split()}
-
-
 # Whichever variant "auto" picks on this CPU (avx512, avx2 or neon) runs these tests.
-CPU_CAN_RUN_KERNELS = any(library._cpu_supports_kernels(library.VARIANTS[name].cpu_features) for name in library.AUTO_ORDER)
+CPU_CAN_RUN_KERNELS = any(
+    library._cpu_supports_kernels(library.VARIANTS[name].cpu_features) for name in library.AUTO_ORDER
+)
 DISABLED_BY_ENV = os.environ.get("GEMMA2_NATIVE_KERNELS") == "0"
 # Only a CPU without the features the kernels need (or an explicit opt-out) skips: where the CPU has
 # them, a failed build fails the tests.
