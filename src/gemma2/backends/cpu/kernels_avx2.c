@@ -162,6 +162,29 @@ INLINE void int8_rows(const int16_t *xq, const float *x_scale, const int8_t *q, 
             y[m * N + n + r] = to_bf16((float)((double)dots[m * 4 + r] * x_scale[m] * scale[n + r]));
 }
 
+/* One weight row against one activation row, front to back in 32-byte loads (one stream per thread). */
+INLINE int64_t int8_dot1(const int16_t *xq, const int8_t *w, int64_t K) {
+    __m256i total = _mm256_setzero_si256();
+    for (int64_t start = 0; start < K; start += FLUSH) {
+        const int64_t stop = start + FLUSH < K ? start + FLUSH : K;
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+        for (int64_t k = start; k < stop; k += 32) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + k));
+            const __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+            const __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)(xq + k))));
+            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + k + 16))));
+        }
+        const __m256i both = _mm256_add_epi64(
+            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc0)),
+                             _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc0, 1))),
+            _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc1)),
+                             _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc1, 1))));
+        total = _mm256_add_epi64(total, both);
+    }
+    return sum_int64x4(total);
+}
+
 /* Returns 1 (and computes nothing) for non-finite activations, else 0. */
 int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, uint16_t *y, int64_t M, int64_t N,
                        int64_t K, int threads) {
@@ -171,6 +194,13 @@ int gemma2_linear_int8(const uint16_t *x, const int8_t *q, const float *scale, u
     int16_t *xq = aligned_alloc(64, sizeof(int16_t) * (size_t)((M * K + 31) / 32 * 32));
     float x_scale[MAX_ROWS];
     quantize_rows16(x, M, K, xq, x_scale);
+    if (M == 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t n = 0; n < N; n++)
+            y[n] = to_bf16((float)((double)int8_dot1(xq, q + n * K, K) * x_scale[0] * scale[n]));
+        free(xq);
+        return 0;
+    }
     const int64_t blocks = N / 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t block = 0; block < blocks; block++) int8_rows(xq, x_scale, q, scale, y, 4 * block, M, N, K, 4);
