@@ -709,3 +709,29 @@ def test_each_variant_has_its_own_cached_library(scalar: ctypes.CDLL) -> None:
         assert Path(cpu_kernels.load_variant("avx512")._name).parent != path.parent
     with pytest.raises(ValueError, match="unknown CPU kernel variant"):
         cpu_kernels.load_variant("sse2")
+
+
+def test_auto_takes_the_next_variant_when_a_build_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An x86-64 CPU with every feature, and a compiler too old for the AVX-512 BF16 flags: avx2."""
+    tried: list[str] = []
+    built = object()
+
+    def load(name: str) -> object:
+        tried.append(name)
+        if name == "avx512":
+            raise OSError("cc: error: unrecognized command-line option '-mavx512bf16'")
+        return built
+
+    monkeypatch.setattr(cpu_kernels, "load_variant", load)
+    monkeypatch.setattr(
+        cpu_kernels, "_cpu_supports_kernels", lambda features=(): not features or features[0] != "asimd"
+    )
+    cpu_kernels.use_variant("auto")
+    try:
+        assert cpu_kernels._library() is built
+        assert tried == ["avx512", "avx2"]
+        assert "native CPU kernels unavailable (avx512: cc: error" in caplog.text
+    finally:
+        cpu_kernels.use_variant(None)

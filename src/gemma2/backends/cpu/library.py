@@ -271,17 +271,24 @@ def _requested_variant() -> str:
 def _library() -> ctypes.CDLL | None:
     """The kernels GEMMA2_CPU_KERNELS selects, or None for PyTorch's own (a failed build warns)."""
     name = _requested_variant()
-    if name == "auto":
-        name = next((n for n in AUTO_ORDER if _cpu_supports_kernels(VARIANTS[n].cpu_features)), "off")
-        if name == "off":
-            logger.warning("gemma2: no native CPU kernels for this CPU (%s), using PyTorch's ops", cpu_architecture())
     if name == "off":
         return None
-    try:
-        return load_variant(name)
-    except OSError as error:
-        logger.warning("gemma2: native CPU kernels unavailable, using PyTorch's (%s)", error)
-        return None
+    if name != "auto":
+        candidates = [name]
+    else:
+        # The fastest variant this CPU runs; where its build fails (an older compiler without the
+        # AVX-512 BF16 intrinsics, say), the next one.
+        candidates = [n for n in AUTO_ORDER if _cpu_supports_kernels(VARIANTS[n].cpu_features)]
+        if not candidates:
+            logger.warning("gemma2: no native CPU kernels for this CPU (%s), using PyTorch's ops", cpu_architecture())
+    for candidate in candidates:
+        try:
+            return load_variant(candidate)
+        except OSError as error:
+            logger.warning("gemma2: native CPU kernels unavailable (%s: %s)", candidate, error)
+    if candidates:
+        logger.warning("gemma2: using PyTorch's ops")
+    return None
 
 
 def variant() -> str | None:
