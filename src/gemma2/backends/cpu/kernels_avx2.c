@@ -23,7 +23,6 @@
 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const int64_t *rows,
                    const uint8_t *seen_rows, uint16_t *out, int64_t B, int64_t H, int64_t K, int64_t S, int64_t D,
                    int64_t batch_stride, int64_t head_stride, float scaling, float softcap, int threads);
-static void *scratch_alloc(size_t bytes);
 #include "kernels_scalar.c" /* to_bf16, the quantization helpers, every entry point not defined below */
 
 #define INLINE static inline __attribute__((always_inline))
@@ -365,27 +364,11 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
             }
         }
         for (int64_t g = 0; g < G; g++) {
-            float *p = probs + g * S, largest = -INFINITY, total = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                if (!seen[s]) {
-                    p[s] = 0.0f;
-                    continue;
-                }
-                float score = round_bf16(round_bf16(p[s]) * scaling);
-                if (softcap > 0) score = soft_cap1(score, softcap);
-                p[s] = score;
-                if (score > largest) largest = score;
-            }
-            for (int64_t s = 0; s < S; s++)
-                if (seen[s]) total += p[s] = expf(p[s] - largest);
-            for (int64_t s = 0; s < S; s++)
-                if (seen[s]) p[s] = round_bf16(p[s] / total);
+            float *p = probs + g * S;
+            probabilities_of_scores(p, seen, S, scaling, softcap);
             for (int64_t d0 = 0; d0 < D; d0 += 32) weighted_values(p, value, seen, out + (first + g) * D, S, D, d0);
         }
     }
     free(qf);
     free(scratch);
 }
-
-/* Scratch of the fused decoder layer (kernels_decode_layer.h); never a zero-byte allocation. */
-static void *scratch_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }

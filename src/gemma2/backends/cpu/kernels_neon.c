@@ -17,7 +17,7 @@
  *                       exact integer dot product, here from SDOT (ARM ARM, "SDOT (vector)") on bytes.
  *   gemma2_linear_int4  bit for bit the scalar result: the same int8 block quantization, exact int32
  *                       block dots from SDOT on unpacked nibbles, float32 block sums in block order.
- *   attend (decode attention, static; with scratch_alloc, which the scalar guard covers too)
+ *   attend (decode attention, static)
  *                       bit for bit the scalar result: the same float32 sums in the same order, four
  *                       independent ones per vector; scores, expf softmax and roundings as scalar.
  * Each weight row is streamed from memory once per call for all M <= MAX_ROWS activation rows (the
@@ -268,8 +268,8 @@ int gemma2_linear_int4(const uint16_t *x, const uint8_t *q, const float *scale, 
  * probabilities stay scalar. The products (bf16 by bf16, and bf16 probabilities by bf16 values) are
  * exact in float32, so only the order of the additions has to match. */
 
-static void fill_tanh_table(void); /* the scalar file's bf16 tanh table and soft cap */
-static inline float soft_cap1(float v, float cap);
+static void fill_tanh_table(void); /* the scalar file's bf16 tanh table and softmax of the scores */
+static inline void probabilities_of_scores(float *p, const uint8_t *seen, int64_t S, float scaling, float softcap);
 
 /* dots[i] = sum_d q[d] * key[(s + i) * D + d] for 4 keys, D % 4 == 0. */
 ALWAYS_INLINE void four_dots(const float *q, const uint16_t *key, int64_t D, float *dots) {
@@ -305,7 +305,7 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         const uint16_t *key = keys + row * batch_stride + kv * head_stride;
         const uint16_t *value = values + row * batch_stride + kv * head_stride;
         const uint8_t *seen = seen_rows + b * S;
-        float *p = scratch + bh * per_head, *query = p + (S > 0 ? S : 1), largest = -INFINITY, total = 0.0f;
+        float *p = scratch + bh * per_head, *query = p + (S > 0 ? S : 1);
         for (int64_t d = 0; d < D; d++) query[d] = from_bf16(q[bh * D + d]);
         for (int64_t s = 0; s < S;) {
             float dots[4];
@@ -317,20 +317,10 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
                 dots[0] = 0.0f;
                 for (int64_t d = 0; d < D; d++) dots[0] += query[d] * from_bf16(key[s * D + d]);
             }
-            for (int i = 0; i < count; i++) {
-                p[s + i] = 0.0f;
-                if (!seen[s + i]) continue;
-                float score = round_bf16(round_bf16(dots[i]) * scaling);
-                if (softcap > 0) score = soft_cap1(score, softcap);
-                p[s + i] = score;
-                if (score > largest) largest = score;
-            }
+            for (int i = 0; i < count; i++) p[s + i] = seen[s + i] ? dots[i] : 0.0f;
             s += count;
         }
-        for (int64_t s = 0; s < S; s++)
-            if (seen[s]) total += p[s] = expf(p[s] - largest);
-        for (int64_t s = 0; s < S; s++)
-            if (seen[s]) p[s] = round_bf16(p[s] / total);
+        probabilities_of_scores(p, seen, S, scaling, softcap);
         int64_t d = 0;
         for (; d + 32 <= D; d += 32) { /* 8 vectors of independent sums over s */
             float32x4_t acc[8];
@@ -359,8 +349,5 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     }
     free(scratch);
 }
-
-/* Scratch of the fused decoder layer (kernels_decode_layer.h); never a zero-byte allocation. */
-static void *scratch_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 
 #include "kernels_scalar.c" /* every entry point not defined above, and the fused decoder layer */

@@ -211,6 +211,31 @@ static inline float soft_cap1(float v, float cap) {
     return round_bf16(from_bf16(tanh_of_bf16[to_bf16(v / cap)]) * cap);
 }
 
+/* One query head's raw scores p[S] (q . k of the visible slots) -> its probabilities, rounded as eager
+ * attention rounds them: bf16(bf16(score) * scaling), the soft-cap, float32 softmax (expf) over the
+ * visible slots, each probability rounded to bf16; 0 for the others. Every variant's attend calls it
+ * (after fill_tanh_table), so they differ at most in how they sum the dot products. */
+static inline void probabilities_of_scores(float *p, const uint8_t *seen, int64_t S, float scaling, float softcap) {
+    float largest = -INFINITY, total = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        if (!seen[s]) {
+            p[s] = 0.0f;
+            continue;
+        }
+        float score = round_bf16(round_bf16(p[s]) * scaling);
+        if (softcap > 0) score = soft_cap1(score, softcap);
+        p[s] = score;
+        if (score > largest) largest = score;
+    }
+    for (int64_t s = 0; s < S; s++)
+        if (seen[s]) total += p[s] = expf(p[s] - largest);
+    for (int64_t s = 0; s < S; s++)
+        if (seen[s]) p[s] = round_bf16(p[s] / total);
+}
+
+/* Scratch of the fused decoder layer (kernels_decode_layer.h); never a zero-byte allocation. */
+static void *scratch_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+
 #if !defined(GEMMA2_OWN_ATTEND)
 /* Attention of each row's query heads over the slots it sees (seen [B, S], nonzero where visible):
  * scores bf16, times scaling in bf16, soft-capped, float32 softmax over the visible keys (expf),
@@ -230,21 +255,14 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         const uint16_t *value = values + row * batch_stride + kv * head_stride;
         const uint16_t *query = q + bh * D;
         const uint8_t *seen = seen_rows + b * S;
-        float *p = scratch + bh * S, largest = -INFINITY, total = 0.0f;
+        float *p = scratch + bh * S;
         for (int64_t s = 0; s < S; s++) {
-            p[s] = 0.0f;
-            if (!seen[s]) continue;
             float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += from_bf16(query[d]) * from_bf16(key[s * D + d]);
-            float score = round_bf16(round_bf16(dot) * scaling);
-            if (softcap > 0) score = soft_cap1(score, softcap);
-            p[s] = score;
-            if (score > largest) largest = score;
+            if (seen[s])
+                for (int64_t d = 0; d < D; d++) dot += from_bf16(query[d]) * from_bf16(key[s * D + d]);
+            p[s] = dot;
         }
-        for (int64_t s = 0; s < S; s++)
-            if (seen[s]) total += p[s] = expf(p[s] - largest);
-        for (int64_t s = 0; s < S; s++)
-            if (seen[s]) p[s] = round_bf16(p[s] / total);
+        probabilities_of_scores(p, seen, S, scaling, softcap);
         for (int64_t d = 0; d < D; d++) {
             float acc = 0.0f;
             for (int64_t s = 0; s < S; s++)
@@ -254,11 +272,6 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     }
     free(scratch);
 }
-
-
-/* Scratch of the fused decoder layer (kernels_decode_layer.h); never a zero-byte allocation. */
-static void *scratch_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
-
 #endif
 
 #include "kernels_decode_layer.h" /* visible, the ABI structs, the fused decoder layer */
