@@ -6,13 +6,13 @@ TORCH := torch==2.13.0
 
 .PHONY: venv run test test-slow lint format clean arm-tools
 
-# What the main job needs: torch (CPU build), the package, the tokenizer and the native kernels.
+# What the main job needs: torch (CPU build), the package with its server extra, the tokenizer and the native kernels.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build first (a file on this machine's disk); the package's torch>=2.4 is then satisfied.
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[server]"
 	# The real Gemma tokenizer, from the maxtext wheel on PyPI, checked by sha256 and cached.
 	$(BIN)/python -m gemma2.io.assets
 	touch $@
@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 # where apt-get works (Debian, Ubuntu), the AArch64 cross compiler and qemu-user that run the NEON
 # kernels' tests on an x86-64 machine (best effort: without them those tests say what is missing).
 $(BIN)/.installed-dev: $(BIN)/.installed
-	$(BIN)/pip install --quiet -e ".[test,dev]"
+	$(BIN)/pip install --quiet -e ".[server,test,dev]"
 	-@$(MAKE) --no-print-directory arm-tools
 	touch $@
 

@@ -127,6 +127,17 @@ class Gemma2Cache:
                 if tensor is not None:
                     tensor[row].zero_()
 
+    def copy_row(self, source: int, target: int) -> None:
+        """Make row `target` hold what row `source` holds (keys, values, length, ring slots): a fork
+        of one prompt read once, for several samples of it."""
+        assert self.ring_positions is not None
+        self._lengths[target] = self._lengths[source]
+        self.ring_positions[target] = self.ring_positions[source]
+        for buffers in (self.keys, self.values):
+            for tensor in buffers:
+                if tensor is not None:
+                    tensor[target] = tensor[source]
+
     def row_length(self, row: int) -> int:
         return self._lengths[row] if self._lengths else 0
 

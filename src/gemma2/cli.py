@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gemma2.errors import Gemma2Error
+from gemma2.server.options import add_arguments as add_serve_arguments
 
 if TYPE_CHECKING:
     from gemma2.heads import Gemma2ForCausalLM
@@ -292,6 +293,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from gemma2.server.command import serve
+    except ImportError as error:
+        raise Gemma2Error(
+            f"gemma2 serve needs the web stack ({error.name} is missing): pip install 'gemma2[server]'"
+        ) from None
+    return serve(args)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from gemma2.train.command import run
 
@@ -436,6 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     bench_parser.set_defaults(run=cmd_bench)
+
+    serve = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (chat, completions, streaming, metrics) with continuous batching",
+        description="Serve the model over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, "
+        "/health, /metrics, /tokenize, /detokenize, /version. Loopback only unless --host says otherwise.",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(run=cmd_serve)
 
     logits = sub.add_parser("logits", help="run one forward pass and summarise the logits")
     logits.add_argument("--ids", type=_parse_ids, help="comma-separated token ids (default: <bos> 10..24)")

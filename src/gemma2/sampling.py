@@ -22,11 +22,24 @@ class SamplingSettings:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     @property
     def penalizes(self) -> bool:
         """Whether the repetition penalty changes anything (so the ids seen so far are needed)."""
         return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether the presence or frequency penalty applies (so the generated ids are needed)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether anything but the argmax of the raw logits can decide a greedy token."""
+        return self.penalizes or self.counts_output or bool(self.logit_bias)
 
     def validate(self) -> None:
         """Raise InputError for settings that cannot work, before any model work is done."""
@@ -42,6 +55,15 @@ class SamplingSettings:
             raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise InputError(f"{name} must be a number in [-2, 2], got {value!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise InputError(f"logit_bias keys must be token ids, got {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise InputError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
 
 
 @dataclass
@@ -50,9 +72,12 @@ class SamplingParams:
 
     temperature 0 is greedy. stop_token_ids None means the checkpoint's stop tokens
     (generation_config.json, else config.json); ids given are stops in addition to them;
-    ignore_eos drops the checkpoint's (the ids given still stop). logprobs N > 0 reports the chosen
-    token's log probability and the N most likely tokens', from the model's own logits (after
-    the final soft-cap, before any processor).
+    ignore_eos drops the checkpoint's (the ids given still stop); no stop token can end a request
+    before min_tokens. logprobs N > 0 reports the chosen token's log probability and the N most
+    likely tokens', from the model's own logits (after the final soft-cap, before any processor);
+    prompt_logprobs N >= 0 reports the same for every prompt token after the first. max_new_tokens
+    0 reads the prompt only (for its prompt_logprobs). presence and frequency penalties count the
+    generated tokens (OpenAI's definition); the repetition penalty counts prompt and generated.
     """
 
     max_new_tokens: int = 64
@@ -65,17 +90,38 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     logprobs: int = 0
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def settings(self) -> SamplingSettings:
         sample = self.temperature > 0
         return SamplingSettings(
-            sample, self.temperature if sample else 1.0, self.top_k, self.top_p, self.min_p, self.repetition_penalty
+            sample,
+            self.temperature if sample else 1.0,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.logit_bias,
         )
 
     def validate(self) -> None:
         """Raise InputError naming the field that cannot work."""
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            raise InputError("max_new_tokens 0 reads the prompt only, which needs prompt_logprobs")
+        for name in ("prompt_logprobs", "min_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InputError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.min_tokens > self.max_new_tokens:
+            raise InputError(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
         if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0:
@@ -128,11 +174,34 @@ def min_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+def output_penalties(logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on the generated ids [B, G]: minus frequency x count, minus presence once seen."""
+    counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def add_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
+
+
+def process_logits(
+    logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings, generated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits [B, V] after the processors: logit bias, penalties, then (sampling) temperature and filters.
+
+    `seen` [B, L] (prompt and generated) feeds the repetition penalty, `generated` [B, G] the
+    presence and frequency penalties.
+    """
     logits = logits.float()
+    if settings.logit_bias:
+        logits = add_logit_bias(logits, settings.logit_bias)
     if settings.penalizes:
         assert settings.repetition_penalty is not None
         logits = repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.counts_output and generated is not None and generated.numel():
+        logits = output_penalties(logits, generated, settings.presence_penalty, settings.frequency_penalty)
     if not settings.do_sample:
         return logits
     if settings.temperature != 1.0:
@@ -147,10 +216,14 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, settings: SamplingS
 
 
 def next_tokens(
-    logits: torch.Tensor, seen: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    settings: SamplingSettings,
+    generator: torch.Generator | None,
+    generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token [B] for each row: argmax when greedy, a draw from the processed distribution otherwise."""
-    logits = process_logits(logits, seen, settings)
+    logits = process_logits(logits, seen, settings, generated)
     if not settings.do_sample:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
