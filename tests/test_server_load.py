@@ -29,7 +29,7 @@ def server() -> Iterator[LiveServer]:
 def mixed_requests(seed: int) -> list[tuple[str, dict[str, Any]]]:
     """Chat and completions, short and long prompts (one past the demo model's 128-token window)."""
     rng = random.Random(seed)
-    words = "the file object returns a list of strings when the module is imported by name".split()
+    words = "the file object returns a list of strings when the module is imported by name".split()  # noqa: SIM905
     requests = []
     for i in range(16):
         length = [3, 12, 40, 300][i % 4]
@@ -143,7 +143,7 @@ def open_stream_and_close(server: LiveServer) -> None:
     """A client that reads the start of a stream, then closes its socket."""
     sock = socket.create_connection(("127.0.0.1", server.port))
     body = httpx.Request("POST", f"{server.url}/v1/completions", json={"prompt": "import os", "stream": True, **LONG})
-    head = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     payload = body.read()
     sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     received = b""
