@@ -226,7 +226,7 @@ def machine() -> str:
         llama = version("llama-cpp-python")
     except Exception:
         llama = "not installed"
-    return f"CPU: {cpu}; kernels: {library.cpu_summary()}; torch {torch.__version__}; llama-cpp-python {llama}"
+    return f"CPU: {cpu}; features: {library.cpu_summary()}; torch {torch.__version__}; llama-cpp-python {llama}"
 
 
 def main(argv: list[str] | None = None) -> int:
