@@ -109,8 +109,9 @@ async def _chat_stream(call: Call, model_name: str) -> AsyncIterator[dict[str, A
     created = now()
 
     def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> dict[str, Any]:
-        body = ChatCompletionChunk(id=call.request_id, created=created, model=model_name, choices=choices, usage=usage)
-        return dump(body) if usage is not None else dump(body) | {"usage": None}
+        return dump(
+            ChatCompletionChunk(id=call.request_id, created=created, model=model_name, choices=choices, usage=usage)
+        )
 
     for index in call.choices:
         yield chunk([ChatChunkChoice(index=index, delta=Delta(role="assistant", content=""))])

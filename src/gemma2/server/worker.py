@@ -3,7 +3,7 @@
     worker = EngineWorker(engine, metrics, max_queue=64)
     worker.start()
     worker.submit(job)          # from the event loop; raises QueueFull or Draining
-    async for index, event in job.events(): ...
+    tag, index, event = await job.queue.get()   # (the job's tag, its choice, a StepEvent or an error)
     worker.abort(job)           # a client gone: its rows are free before the next step
 
 Commands queue up under one lock and are applied at the top of each loop turn, before the step,
@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,9 +216,3 @@ class EngineWorker:
                 job.loop.call_soon_threadsafe(job.queue.put_nowait, (job.tag, index, RuntimeError(message)))
                 self._close(job, index, "error")
         self.engine.step()  # report the aborts, so the engine holds nothing
-
-
-async def events(queue: asyncio.Queue) -> AsyncIterator[tuple[Any, int, StepEvent | Exception]]:
-    """(tag, choice index, event or error) as the engine thread posts them; the caller decides when to stop."""
-    while True:
-        yield await queue.get()
