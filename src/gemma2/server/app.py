@@ -23,7 +23,7 @@ from gemma2.server.answers import answer
 from gemma2.server.calls import Call
 from gemma2.server.errors import APIError, bad_request, from_validation, unavailable
 from gemma2.server.metrics import ServerMetrics
-from gemma2.server.prepare import ServerSettings, check_model, prepare_chat, prepare_completion
+from gemma2.server.prepare import ServerSettings, chat_ids, check_model, prepare_chat, prepare_completion
 from gemma2.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from gemma2.server.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, dump, now
 from gemma2.server.worker import EngineWorker
@@ -107,23 +107,22 @@ def build_app(state: ServerState) -> FastAPI:
         )
         return dump(ModelList(data=[card]))
 
+    async def generate(request: Request, schema: type[BaseModel], prepare: Any, id_prefix: str) -> Response:
+        body = await _parse(request, schema)
+        tokenizer, worker = state.loaded()
+        prepared = prepare(body, tokenizer, state.settings)
+        if prepared.unused:
+            log.info("ignored request fields: %s", ", ".join(prepared.unused))
+        call = Call(f"{id_prefix}-{uuid.uuid4().hex}", prepared, tokenizer, worker)
+        return await answer(call, request, state.settings.model_name)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        body = await _parse(request, ChatCompletionRequest)
-        tokenizer, worker = state.loaded()
-        prepared = prepare_chat(body, tokenizer, state.settings)
-        _log_unused(prepared.unused)
-        call = Call(f"chatcmpl-{uuid.uuid4().hex}", prepared, tokenizer, worker)
-        return await answer(call, request, state.settings.model_name)
+        return await generate(request, ChatCompletionRequest, prepare_chat, "chatcmpl")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
-        tokenizer, worker = state.loaded()
-        prepared = prepare_completion(body, tokenizer, state.settings)
-        _log_unused(prepared.unused)
-        call = Call(f"cmpl-{uuid.uuid4().hex}", prepared, tokenizer, worker)
-        return await answer(call, request, state.settings.model_name)
+        return await generate(request, CompletionRequest, prepare_completion, "cmpl")
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -131,13 +130,8 @@ def build_app(state: ServerState) -> FastAPI:
         tokenizer, _ = state.loaded()
         check_model(state.settings, body.model)
         if body.messages is not None:
-            from gemma2.errors import ChatFormatError
-
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
-            except ChatFormatError as error:
-                raise bad_request(str(error), param="messages") from None
+            ids = chat_ids(tokenizer, messages, body.add_generation_prompt)
         else:
             assert body.prompt is not None
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -163,11 +157,6 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         return model.model_validate_json(raw or b"null")
     except ValidationError as error:
         raise from_validation(error) from None
-
-
-def _log_unused(fields: list[str]) -> None:
-    if fields:
-        log.info("ignored request fields: %s", ", ".join(fields))
 
 
 class GuardedApp:

@@ -81,13 +81,20 @@ def prepare_chat(body: ChatCompletionRequest, tokenizer: Gemma2Tokenizer, settin
         if message.role == "developer":  # OpenAI's newer name for the system role
             message = message.model_copy(update={"role": "system"})
         messages.append({"role": message.role, "content": message.text()})
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except ChatFormatError as error:
-        raise bad_request(str(error), param="messages") from None
+    ids = chat_ids(tokenizer, messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = (body.top_logprobs or 0) if body.logprobs else None
     return _prepared("chat", body, [Prompt(ids, "")], requested, top, tokenizer, settings)
+
+
+def chat_ids(
+    tokenizer: Gemma2Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """The conversation in the chat format; the library's refusals (roles, system turns) as 400s."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except ChatFormatError as error:
+        raise bad_request(str(error), param="messages") from None
 
 
 def prepare_completion(body: CompletionRequest, tokenizer: Gemma2Tokenizer, settings: ServerSettings) -> Prepared:
