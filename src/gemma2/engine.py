@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from gemma2.heads import Gemma2ForCausalLM
 
 
+# One token's log probability and the most likely tokens' (id, log probability).
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass
 class StepEvent:
     """One request's news from a step: a new token, or the end of the request."""
@@ -47,12 +51,8 @@ class StepEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "abort"
-    # With the first event of a request that asked for prompt_logprobs: one entry per prompt token
-    # after the first, (log probability, the most likely (id, log probability))
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-
-
-TokenLogprob = tuple[float, list[tuple[int, float]]]
+    # With the first event of a request that asked for prompt_logprobs: one per prompt token after the first.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass

@@ -105,17 +105,17 @@ class Call:
         if not all(c.finished for c in self.choices.values()):
             for job in self.jobs:
                 self.worker.abort(job)
-        now = time.perf_counter()
+        usage = self.usage()
         ttft = "-" if self.first_token is None else f"{self.first_token - self.started:.3f}s"
         reasons = sorted({c.finish_reason or "abort" for c in self.choices.values()})
         log.info(
             "%s %s prompt_tokens=%d completion_tokens=%d ttft=%s total=%.3fs finish=%s",
             self.request_id,
             self.prepared.kind,
-            self.usage().prompt_tokens,
-            self.usage().completion_tokens,
+            usage.prompt_tokens,
+            usage.completion_tokens,
             ttft,
-            now - self.started,
+            time.perf_counter() - self.started,
             ",".join(reasons),
         )
 
