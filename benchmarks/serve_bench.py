@@ -1,6 +1,6 @@
 """Serving benchmark: `gemma2 serve` against llama.cpp's OpenAI server on the same weights, one server at a time.
 
-    .venv/bin/python benchmarks/serve_bench.py                       # 2B shape, concurrency 1, 2, 4, 8
+    .venv/bin/python benchmarks/serve_bench.py                       # gemma-2-2b shape, concurrency 1, 2, 4, 8
     .venv/bin/python benchmarks/serve_bench.py --layers 2 --concurrency 1,2 --num-prompts 4   # a quick look
 
 Each server runs alone on the machine (`--threads` torch / llama.cpp threads) and gets random
@@ -40,7 +40,7 @@ GEMMA2, LLAMA = "gemma2", "llama.cpp"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="a checkpoint directory (default: random weights of --preset)")
-    parser.add_argument("--preset", default="2b", help="shape of the random checkpoint (default 2b)")
+    parser.add_argument("--preset", default="gemma-2-2b", help="shape of the random checkpoint (default gemma-2-2b)")
     parser.add_argument("--layers", type=int, help="keep only this many layers (quick runs)")
     parser.add_argument("--servers", default=f"{GEMMA2},{LLAMA}")
     parser.add_argument("--concurrency", default="1,2,4,8")
