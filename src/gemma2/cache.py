@@ -15,7 +15,8 @@ Gemma 2 alternates two kinds of layers, and each gets the buffers it needs:
   positions (-1 for a slot never written), so one row can wrap while its neighbour has not. A
   chunk of several tokens attends over ring + chunk before writing, because the chunk's own writes
   would overwrite keys its earlier queries still need. When the caller's capacity is below W the
-  ring is that long instead, and grows to W if a row outgrows it (no slot has wrapped by then).
+  ring is that long instead, and grows to W if a row outgrows it (no slot has wrapped by then);
+  without a capacity it starts at the first forward's length and doubles up to W.
 
 All layers of a kind share one set of slot positions, so the model computes them (and the masks)
 once per forward: `begin` says where a forward's tokens go, each layer's `update` writes there,
@@ -71,8 +72,10 @@ class Gemma2Cache:
         self.sliding = [config.is_sliding(i) and config.sliding_window is not None for i in range(self.num_layers)]
         self.window = config.sliding_window if any(self.sliding) else None
         self.capacity = max_length
-        # The ring of the sliding layers: W slots, or fewer when no sequence will be that long.
-        self.ring = 0 if self.window is None else min(self.window, max_length or self.window)
+        # The ring of the sliding layers: W slots, or fewer when no sequence will be that long; without
+        # a capacity it grows with the longest row (by doubling) up to W, as the full layers do: a
+        # ring of W = 4096 slots from the start costs every decode step an attention over 4096 slots.
+        self.ring = 0 if self.window is None or max_length is None else min(self.window, max_length)
         self.max_batch = max_batch
         self.keys: list[torch.Tensor | None] = [None] * self.num_layers  # [rows, K, slots, D]
         self.values: list[torch.Tensor | None] = [None] * self.num_layers
@@ -220,24 +223,31 @@ class Gemma2Cache:
         self.full_slots = size
 
     def _reserve_ring(self, needed: int) -> None:
-        """Grow a short ring to W when a row outgrows it (no row has wrapped yet: slots are positions)."""
+        """Grow a short ring when a row outgrows it: to W when the caller gave a capacity, else by
+        doubling up to W. No row has wrapped while the ring is shorter than W, so slots are positions
+        and the keys stay where they are."""
         assert self.window is not None and self.ring_positions is not None
         if needed <= self.ring or self.ring >= self.window:
             return
-        extra = self.window - self.ring
+        size = self.window if self.capacity is not None else min(self.window, max(needed, 2 * self.ring))
+        extra = size - self.ring
         self.ring_positions = torch.cat([self.ring_positions, self.ring_positions.new_full((self.rows, extra), -1)], 1)
         for i in range(self.num_layers):
             if self.sliding[i]:
-                self.keys[i] = _grown(self.keys[i], self.window)
-                self.values[i] = _grown(self.values[i], self.window)
-        self.ring = self.window
+                self.keys[i] = _grown(self.keys[i], size)
+                self.values[i] = _grown(self.values[i], size)
+        self.ring = size
 
-    def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer's key and value buffers [rows, K, slots, D], allocated (zeros) on first use like `like`."""
+    def buffers(self, layer: int, like: torch.Tensor, kv_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's key and value buffers [rows, K, slots, D], allocated (zeros) on first use like `like`.
+
+        K is `kv_heads`, else `like`'s dimension 1 (a key [B, K, T, D]): the heads the model holds,
+        not the config's, since a tensor-parallel rank holds only some of them.
+        """
         keys, values = self.keys[layer], self.values[layer]
         if keys is None or values is None:
             slots = self.ring if self.sliding[layer] else self.full_slots
-            shape = (self.rows, self.kv_heads, slots, self.head_dim)
+            shape = (self.rows, kv_heads or like.shape[1], slots, self.head_dim)
             keys = self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             values = self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return keys, values
