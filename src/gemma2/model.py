@@ -157,9 +157,11 @@ class Gemma2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: Gemma2Cache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' sizes, not the config: a tensor-parallel rank
+        # (gemma2.distributed) holds some of the heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q = self.rotary(q, inputs.cos, inputs.sin)
         k = self.rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
@@ -168,7 +170,7 @@ class Gemma2Attention(nn.Module):
         mask = inputs.mask(self.window)
         dropout = self.dropout if self.training else 0.0
         out = self.attention_function(q, k, v, mask, self.scaling, self.softcap, dropout)  # [B, T, H, D]
-        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(B, T, -1))
 
 
 class Gemma2MLP(nn.Module):

@@ -182,8 +182,9 @@ def _describe(layer: Gemma2DecoderLayer, parts: list[Any]) -> _Layer | None:
         layer.input_layernorm.eps,
         attn.scaling,
         attn.softcap or 0.0,
-        attn.num_heads,
-        attn.num_kv_heads,
+        # From the projections' sizes, as the op-by-op forward takes them (not the config's).
+        parts[0].out_features // attn.head_dim,
+        parts[1].out_features // attn.head_dim,
         attn.head_dim,
         attn.window or 0,
     )
@@ -211,7 +212,8 @@ class _Described:
             for key, tensor in store.items()
             if tensor is not None
         ]
-        self.hooked = [layer, *parts]
+        # A hook on any of them (e.g. tensor parallelism's all-reduce on the blocks) must run: op by op.
+        self.hooked = [layer, attn, mlp, *parts]
 
     def holds(self) -> bool:
         for owner, name, module in self.modules:
@@ -268,9 +270,11 @@ class _StepArrays:
         self.ring_positions = cache.ring_positions
 
 
-def _cache_view(cache: Gemma2Cache, layer: int, like: torch.Tensor, step: CacheStep, arrays: _StepArrays) -> _Cache:
+def _cache_view(
+    cache: Gemma2Cache, layer: int, like: torch.Tensor, step: CacheStep, arrays: _StepArrays, kv_heads: int
+) -> _Cache:
     """The C view of one layer's buffers for this step (rebuilt when the buffers are reallocated)."""
-    keys, values = cache.buffers(layer, like)
+    keys, values = cache.buffers(layer, like, kv_heads)
     views = _cache_views.setdefault(cache, {})
     view = views.get(layer)
     if view is None or view.keys != keys.data_ptr():
@@ -322,7 +326,7 @@ def decode_layers(
         if description is None:
             break
         descriptions.append(description)
-        views.append(_cache_view(cache, index, h, step, arrays))
+        views.append(_cache_view(cache, index, h, step, arrays, description.kv_heads))
     if not descriptions:
         return h, 0
     count = len(descriptions)
