@@ -336,6 +336,12 @@ class Engine:
     def _decode(self, requests: list[_Request]) -> list[StepEvent]:
         ids = torch.tensor([[r.generated[-1]] for r in requests], dtype=torch.long, device=self.device)
         rows = [r.row for r in requests]
+        if all(_plain_greedy(r) and not r.params.logprobs for r in requests):
+            # Only argmaxes are needed: from the logits this process holds (under tensor parallelism,
+            # its vocabulary shard, never gathered).
+            out = self.model(ids, past_key_values=self.cache, cache_rows=rows, logits_to_keep=1, vocab_shard=True)
+            tokens = self.model.greedy_tokens_of_shard(out.logits[:, -1]).tolist()
+            return [self._emit(request, out.logits[i, -1], tokens[i]) for i, request in enumerate(requests)]
         logits = self.model(ids, past_key_values=self.cache, cache_rows=rows, logits_to_keep=1).logits[:, -1]
         # Plain greedy rows take one argmax for the whole batch (the same index as one row at a time).
         greedy = self.model.greedy_tokens(logits).tolist() if any(map(_plain_greedy, requests)) else []

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,12 @@ def chunked_causal_lm_loss(
     return total / count
 
 
+class VocabParallel(Protocol):
+    def gather(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def greedy_tokens(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
 class Gemma2ForCausalLM(Gemma2PreTrainedModel):
     def __init__(self, config: Gemma2Config) -> None:
         super().__init__(config)
@@ -96,6 +102,9 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         self.logits_soft_cap: Callable[[torch.Tensor, float | None], torch.Tensor] = soft_cap
         # Greedy decoding's argmax over the vocabulary; a backend may install its kernel (same index).
         self.greedy_tokens: Callable[[torch.Tensor], torch.Tensor] = greedy_tokens
+        # Under tensor parallelism (gemma2.distributed) the head gives this process a shard of the
+        # vocabulary's logits, and this joins them (gather) or takes the argmax across them.
+        self.vocab_parallel: VocabParallel | None = None
         if config.tie_word_embeddings:
             self.tie_weights()
         else:
@@ -123,10 +132,13 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         output_hidden_states: bool = False,
         cache: Gemma2Cache | None = None,
         cache_rows: torch.Tensor | list[int] | None = None,
+        vocab_shard: bool = False,
     ) -> CausalLMOutput:
         """Logits [B, T, V] (or the last `logits_to_keep` positions), soft-capped; loss if labels.
 
         With a cache, row b continues cache row cache_rows[b] (default b), each at its own length.
+        `vocab_shard` returns only the logits this process holds (its shard of the vocabulary under
+        tensor parallelism, all of them otherwise), for `greedy_tokens_of_shard`.
         """
         out = self.model(
             input_ids=input_ids,
@@ -146,7 +158,10 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
                 h = h[:, -logits_to_keep:]
         else:
             h = h[:, logits_to_keep]
+        # The soft-cap is elementwise: capping each shard of the vocabulary caps the whole, bit for bit.
         logits = self.logits_soft_cap(self.lm_head(h), self.config.final_logit_softcapping)
+        if self.vocab_parallel is not None and not vocab_shard:
+            logits = self.vocab_parallel.gather(logits)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape[:-1]:
@@ -157,6 +172,12 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
         return CausalLMOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
+
+    def greedy_tokens_of_shard(self, logits: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens from logits that forward(..., vocab_shard=True) returned."""
+        if self.vocab_parallel is None:
+            return self.greedy_tokens(logits)
+        return self.vocab_parallel.greedy_tokens(logits)
 
     def generation_config_dict(self) -> dict[str, Any] | None:
         return {
