@@ -23,6 +23,7 @@ class LoadingInfo:
     newly_initialized: list[str] = field(default_factory=list)  # head weights the checkpoint lacked
     ignored: list[str] = field(default_factory=list)  # checkpoint keys this model does not use
     mismatched: list[str] = field(default_factory=list)  # re-initialised (ignore_mismatched_sizes)
+    bytes_read: int = 0  # tensor data read from the checkpoint (a tensor-parallel rank: its share)
 
 
 class Gemma2PreTrainedModel(nn.Module):
@@ -140,6 +141,7 @@ class Gemma2PreTrainedModel(nn.Module):
         quantize: str | None = None,
         group_size: int | None = None,
         backend: str = "auto",
+        tp_plan: str | None = None,
         **config_overrides: Any,
     ) -> ModelT:
         """Load a Hugging Face layout checkpoint (local directory or hub id).
@@ -148,7 +150,9 @@ class Gemma2PreTrainedModel(nn.Module):
         name config fields override config.json (e.g. num_labels=3 for a new classifier).
         A checkpoint saved quantized loads quantized; `quantize="int8"|"int4"` quantizes a
         full-precision one after loading (see gemma2.quant). `backend` picks the kernels it runs
-        (gemma2.backends: "auto", "cpu" or "torch"), applied last.
+        (gemma2.backends: "auto", "cpu" or "torch"), applied last. `tp_plan="auto"`, under an
+        initialised torch.distributed process group, splits the model across its ranks with
+        gemma2.distributed's plan, each rank reading only its slices of the checkpoint.
         """
         from gemma2.io.loading import load_pretrained
 
@@ -166,6 +170,7 @@ class Gemma2PreTrainedModel(nn.Module):
             quantize=quantize,
             group_size=group_size,
             backend=backend,
+            tp_plan=tp_plan,
             **config_overrides,
         )
 

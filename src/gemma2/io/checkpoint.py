@@ -8,6 +8,7 @@ moved in only when everything has been written.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,8 @@ class CheckpointReader:
         self._files: dict[str, Any] = {}  # shard name -> open safe_open handle or loaded dict
         self._data_offsets: dict[str, dict[str, int]] = {}  # shard name -> key -> byte offset of its data
         self.key_to_file = self._find_keys()
+        self.bytes_read = 0  # tensor data read so far (read / read_slice), for tensor-parallel loading
+        self._count_lock = threading.Lock()
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -224,7 +228,36 @@ class CheckpointReader:
             weight_memory.read_into(*location, out)
         else:
             out.copy_(self.get(key))
+        self._count(math.prod(shape) * stored_dtype.itemsize)
         return out
+
+    def read_slice(self, key: str, dim: int, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Indices [start, stop) of dimension `dim` of a tensor, reading only their bytes from a
+        safetensors file (a tensor-parallel rank's share); counted in `bytes_read`."""
+        stored_dtype, shape = self.dtype(key), self.shape(key)
+        if not 0 <= start < stop <= shape[dim]:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} has no slice {start}:{stop} of dimension {dim}")
+        local_shape = (*shape[:dim], stop - start, *shape[dim + 1 :])
+        location = self._byte_range(key)
+        if location is None:  # .bin: the mapped file, then a copy of the slice
+            out = self.get(key).narrow(dim, start, stop - start).to(dtype or stored_dtype).clone()
+            self._count(out.numel() * stored_dtype.itemsize)
+            return out
+        raw = torch.empty(local_shape, dtype=stored_dtype)
+        outer = math.prod(shape[:dim])  # runs of contiguous bytes: one per index of the leading dims
+        inner = math.prod(shape[dim + 1 :]) * stored_dtype.itemsize
+        run, stride = (stop - start) * inner, shape[dim] * inner
+        path, offset = location
+        if outer == 1:
+            weight_memory.read_into(path, offset + start * inner, raw)
+        else:
+            _read_runs(path, [offset + i * stride + start * inner for i in range(outer)], run, raw)
+        self._count(outer * run)
+        return raw if dtype is None or dtype == stored_dtype else raw.to(dtype)
+
+    def _count(self, nbytes: int) -> None:
+        with self._count_lock:  # reads run in a thread pool
+            self.bytes_read += nbytes
 
     def _byte_range(self, key: str) -> tuple[Path, int] | None:
         """File and byte offset of a safetensors tensor's data (None for .bin checkpoints)."""
@@ -238,6 +271,20 @@ class CheckpointReader:
                 name: data_start + entry["data_offsets"][0] for name, entry in entries.items()
             }
         return self.directory / filename, self._data_offsets[filename][key]
+
+
+def _read_runs(path: Path, offsets: list[int], run: int, out: torch.Tensor) -> None:
+    """Fill the contiguous tensor `out` with `run` bytes from each offset of `path` in turn (a column
+    slice of a row-major matrix: one run per row), through one file descriptor."""
+    target = memoryview((ctypes.c_ubyte * (run * len(offsets))).from_address(out.data_ptr())).cast("B")
+    with open(path, "rb", buffering=0) as handle:
+        for i, offset in enumerate(offsets):
+            done = 0
+            while done < run:
+                got = os.preadv(handle.fileno(), [target[i * run + done : (i + 1) * run]], offset + done)
+                if not got:
+                    raise CheckpointError(f"{path}: the file ends inside the tensor at offset {offset} (changed?)")
+                done += got
 
 
 def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:

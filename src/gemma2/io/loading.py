@@ -86,6 +86,7 @@ def load_pretrained(
     quantize: str | None = None,
     group_size: int | None = None,
     backend: str = "auto",
+    tp_plan: str | None = None,
     **config_overrides: Any,
 ) -> ModelT:
     """Load a Hugging Face layout checkpoint (local directory or hub id).
@@ -94,7 +95,8 @@ def load_pretrained(
     name config fields override config.json (e.g. num_labels=3 for a new classifier).
     A checkpoint saved quantized loads quantized; `quantize="int8"|"int4"` quantizes a
     full-precision one after loading (see gemma2.quant). `backend` picks the kernels it runs
-    (gemma2.backends: "auto", "cpu" or "torch"), applied last.
+    (gemma2.backends: "auto", "cpu" or "torch"), applied last. `tp_plan="auto"` shards the model
+    over the default process group (gemma2.distributed), each rank reading only its slices.
     """
 
     from gemma2 import quant as quantization
@@ -119,6 +121,12 @@ def load_pretrained(
             quantization.prepare_for_loading(model, stored_quantized, str(directory / "config.json"))
     fixed_dtypes = quantization.stored_dtype_tensors(model)
     plan = plan_loading(model, reader, ignore_mismatched_sizes, fixed_dtypes)
+    sharding = None
+    if tp_plan is not None:  # sizes checked and the skeleton cut to this rank's slices, before any read
+        int4_group = (stored_quantized or {}).get("group_size") if stored_quantized else None
+        if quantize == "int4":
+            int4_group = group_size or quantization.DEFAULT_GROUP_SIZE
+        sharding = _TensorParallelLoad(model, tp_plan, int4_group)
     if target_dtype is None:
         stored = {reader.dtype(key) for name, key in plan.sources.items() if name not in fixed_dtypes}
         floating = sorted((d for d in stored if d.is_floating_point), key=str)
@@ -128,22 +136,27 @@ def load_pretrained(
         name: target_dtype if reader.dtype(key).is_floating_point and name not in fixed_dtypes else None
         for name, key in plan.sources.items()
     }
+
+    def read(name: str) -> torch.Tensor:
+        key = plan.sources[name]
+        part = None if sharding is None else sharding.slice_of(name, reader.shape(key))
+        if part is None:
+            return reader.read(key, wanted[name])
+        return reader.read_slice(key, *part, wanted[name])
+
     state: dict[str, torch.Tensor] = {}
     if device.type == "cpu":
         # Not left memory-mapped: decoding reads weights faster from huge pages (weight_memory).
         # Filling fresh pages is most of the work, and it runs in parallel outside the GIL.
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-            tensors = pool.map(lambda name: reader.read(plan.sources[name], wanted[name]), list(wanted))
-            state = dict(zip(wanted, tensors, strict=True))
+            state = dict(zip(wanted, pool.map(read, list(wanted)), strict=True))
     else:
-        for name, key in plan.sources.items():
-            tensor = reader.get(key)
-            state[name] = (tensor if wanted[name] is None else tensor.to(wanted[name])).to(device)
+        state = {name: read(name).to(device) for name in wanted}
     model.load_state_dict(state, strict=False, assign=True)
     materialize_missing(model, plan.new, target_dtype, device)
     model.tie_weights()
     model.config.dtype = str(target_dtype).removeprefix("torch.")
-    model.loading_info = LoadingInfo(newly_initialized=plan.new, ignored=plan.ignored, mismatched=plan.mismatched)
+    model.loading_info = LoadingInfo(plan.new, plan.ignored, plan.mismatched, reader.bytes_read)
     model.generation_config = read_generation_config(directory)
     if plan.new:
         logger.warning(
@@ -159,9 +172,43 @@ def load_pretrained(
             raise CheckpointError(
                 f"{directory}: the checkpoint is already quantized; load it as it is (no quantize / --quantize)"
             )
-        quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE)
+        absmax = sharding.row_absmax(model) if sharding is not None and quantize == "int8" else None
+        quantization.quantize(model, quantize, group_size or quantization.DEFAULT_GROUP_SIZE, absmax)
+    if sharding is not None:
+        sharding.install(model)
     apply_backend(model, backend)
     return model.eval()
+
+
+class _TensorParallelLoad:
+    """from_pretrained(..., tp_plan="auto"): this rank's layout, its slice of each tensor, then the hooks."""
+
+    def __init__(self, model: Gemma2PreTrainedModel, tp_plan: str, int4_group: int | None) -> None:
+        if tp_plan != "auto":
+            raise InputError(f"tp_plan must be 'auto' (gemma2.distributed's plan), got {tp_plan!r}")
+        from gemma2.distributed import tensor_parallel
+
+        self.tp = tensor_parallel
+        try:
+            self.collectives = tensor_parallel.Collectives()
+        except RuntimeError as error:
+            raise InputError(
+                f"tp_plan='auto': {error} (run under torchrun, or call torch.distributed.init_process_group first)"
+            ) from None
+        self.layout = tensor_parallel.layout_for(model, self.collectives, int4_group)
+        with torch.no_grad():
+            tensor_parallel.keep_local_slices(model, self.layout)
+
+    def slice_of(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        from gemma2.distributed.plan import parameter_slice
+
+        return parameter_slice(name, shape, self.layout)
+
+    def row_absmax(self, model: Gemma2PreTrainedModel) -> dict[nn.Module, torch.Tensor]:
+        return self.tp.row_absmax(model, self.collectives)
+
+    def install(self, model: Gemma2PreTrainedModel) -> None:
+        self.tp.install(model, self.collectives, self.layout)
 
 
 def plan_loading(

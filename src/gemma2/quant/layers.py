@@ -58,12 +58,17 @@ ExpandKernel = Callable[[Any, int, int, torch.dtype], "torch.Tensor | None"]
 # Quantizing and expanding weight matrices
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q int8 [N, K], scale float32 [N])."""
+def quantize_int8(weight: torch.Tensor, absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q int8 [N, K], scale float32 [N]).
+
+    `absmax` [N] is each row's largest |w| when the rows are longer than `weight` (a tensor-parallel
+    rank holds some of each row's columns), so that every rank quantizes with the whole row's scale.
+    """
     qs, scales = [], []
-    for block in weight.split(ROW_BLOCK):
+    for start, block in zip(range(0, weight.shape[0], ROW_BLOCK), weight.split(ROW_BLOCK)):
         w = block.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        peak = w.abs().amax(dim=1) if absmax is None else absmax[start : start + block.shape[0]].float()
+        scale = peak.clamp(min=1e-12) / 127.0
         qs.append(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
         scales.append(scale)
     return torch.cat(qs), torch.cat(scales)
@@ -189,9 +194,9 @@ class Int8Linear(_QuantizedLinear):
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, absmax: torch.Tensor | None = None) -> Int8Linear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
-        layer.weight, layer.weight_scale = quantize_int8(linear.weight.detach())
+        layer.weight, layer.weight_scale = quantize_int8(linear.weight.detach(), absmax)
         layer._set_bias(linear)
         return layer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -57,10 +58,13 @@ def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
-def _replace_layers(model: Any, mode: str, group_size: int, make: str) -> None:
+def _replace_layers(
+    model: Any, mode: str, group_size: int, make: str, absmax: Mapping[nn.Module, torch.Tensor] | None = None
+) -> None:
     """Swap every decoder linear, the embedding and the LM head for quantized layers.
 
     make="quantize" quantizes the existing weights; make="empty" builds meta skeletons to load into.
+    `absmax` gives int8 linears whose rows are split across processes their whole rows' largest |w|.
     """
     linears = _layer_linears(model)
     if mode == "int4":
@@ -79,7 +83,10 @@ def _replace_layers(model: Any, mode: str, group_size: int, make: str) -> None:
                 else Int4Linear(linear.in_features, linear.out_features, group_size, bias, device="meta")
             )
         else:
-            new = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+            if mode == "int8":
+                new = Int8Linear.from_linear(linear, (absmax or {}).get(linear))
+            else:
+                new = Int4Linear.from_linear(linear, group_size)
         setattr(parent, name, new)
     backbone: Any = getattr(model, "backbone", model)
     embedding = backbone.embed_tokens
@@ -103,12 +110,23 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(module, QuantizedLayer) for module in model.modules())
 
 
-def quantize(model: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
+def quantize(
+    model: Any,
+    mode: str,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    absmax: Mapping[nn.Module, torch.Tensor] | None = None,
+) -> Any:
     """Quantize a loaded Gemma 2 model's weights in place (see the module docstring); returns it.
 
     mode "int8": per-output-channel int8 everywhere. mode "int4": group-wise int4 decoder layers
-    (group_size 64, 128 or 256 input weights per scale), int8 embedding and LM head.
+    (group_size 64, 128 or 256 input weights per scale), int8 embedding and LM head. `absmax`:
+    see _replace_layers (tensor-parallel loading passes it).
     """
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise InputError(
+            "quantize a model before sharding it for tensor parallelism "
+            "(or load it with from_pretrained(..., tp_plan='auto', quantize=...))"
+        )
     if mode not in MODES:
         raise InputError(f"quantization mode must be one of {MODES}, got {mode!r}")
     if mode == "int4" and group_size not in GROUP_SIZES:
@@ -118,7 +136,7 @@ def quantize(model: Any, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any
     if any(p.device.type == "meta" for p in model.parameters()):
         raise InputError("cannot quantize a model whose weights are still on the meta device")
     with torch.no_grad():
-        _replace_layers(model, mode, group_size, make="quantize")
+        _replace_layers(model, mode, group_size, make="quantize", absmax=absmax)
     model.config.extra["quantization_config"] = quantization_config(mode, group_size)
     if getattr(model, "backend", "torch") != "torch":
         # The new layers get the kernels of the backend the model runs (and its fused decode is re-planned).

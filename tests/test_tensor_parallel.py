@@ -1,0 +1,82 @@
+"""Tensor parallelism on CPU processes joined by gloo: a sharded model computes what one process does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import tp_workers
+from distributed_ranks import run_ranks
+
+from gemma2 import Gemma2Config
+from gemma2.distributed import check_size, valid_sizes
+from gemma2.errors import InputError
+
+# Tiny, with a window (5) shorter than the prompts (12) and vocabulary / MLP sizes that split by 4.
+FIELDS: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=16,
+    sliding_window=5,
+    max_position_embeddings=64,
+)
+
+
+def compare(world: int, fields: dict[str, Any]) -> list[dict[str, Any]]:
+    reference = tp_workers.behaviour(tp_workers.build(fields, seed=3))
+    ranks = run_ranks(tp_workers.sharded_behaviour, world, {"fields": fields, "seed": 3})
+    for rank, got in enumerate(ranks):
+        for key in ("logits", "decode_logits"):
+            torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=1e-5, msg=f"rank {rank}: {key}")
+        for key in ("greedy", "sampled", "engine"):
+            assert got[key] == reference[key], f"rank {rank}: {key} differs from one process"
+        assert got["tied"], f"rank {rank}: the LM head no longer aliases the embedding"
+        assert got["local_vocab"] == fields["vocab_size"] // world
+    return ranks
+
+
+@pytest.mark.parametrize(
+    ("world", "kv_heads"),
+    [(2, 2), (4, 2), (4, 1)],
+    ids=["tp2", "tp4-kv-replicated-x2", "tp4-one-kv-head"],
+)
+def test_a_sharded_model_computes_what_one_process_does(world: int, kv_heads: int) -> None:
+    ranks = compare(world, {**FIELDS, "num_key_value_heads": kv_heads})
+    head_dim = FIELDS["head_dim"]
+    # Each rank holds one key/value head when there are fewer of them than ranks, else its share.
+    assert {r["local_kv_rows"] for r in ranks} == {max(1, kv_heads // world) * head_dim}
+    assert all(r["calls"]["all_reduce"] > 0 and r["calls"]["all_gather"] > 0 for r in ranks)
+    # A greedy decode step of two rows gathers one (value, index) pair per row and rank, never the logits.
+    for r in ranks:
+        assert r["decode_gather_bytes_per_step"] == 2 * 2 * 8 * world
+
+
+def test_an_argmax_tie_across_a_shard_boundary_goes_to_the_lowest_index() -> None:
+    logits = torch.zeros(4, 16)
+    logits[0, [3, 12]] = 5.0  # the same top value in the first and the last shard
+    logits[1, [7, 8]] = 2.0  # on both sides of the boundary between shards 1 and 2
+    logits[2, 15] = 1.0
+    logits[3] = -1.0  # every value equal
+    expected = logits.argmax(-1).tolist()
+    for got in run_ranks(tp_workers.argmax_ties, 4, {"logits": logits}):
+        assert got == expected
+
+
+def test_sizes_that_cannot_split_are_refused_naming_those_that_can() -> None:
+    config = Gemma2Config(**{**FIELDS, "vocab_size": 98})
+    with pytest.raises(InputError, match=r"tensor parallel size 4 cannot split the vocabulary of 98.*work here: 1, 2$"):
+        check_size(config, 4)
+    with pytest.raises(InputError, match="the 4 query heads"):
+        check_size(Gemma2Config(**FIELDS), 3)
+    with pytest.raises(InputError, match="int4 groups of 64"):
+        check_size(Gemma2Config(**FIELDS), 2, int4_group=64)
+    # The three sizes (GEMMA2.md): the 2B's 4 key/value heads are replicated at TP 8.
+    assert valid_sizes(Gemma2Config.from_preset("gemma-2-2b"), limit=16) == [1, 2, 4, 8]
+    assert valid_sizes(Gemma2Config.from_preset("gemma-2-9b"), limit=16) == [1, 2, 4, 8, 16]
+    assert valid_sizes(Gemma2Config.from_preset("gemma-2-27b"), limit=32) == [1, 2, 4, 8, 16, 32]
