@@ -28,6 +28,9 @@ FIELDS: dict[str, Any] = dict(
 )
 
 
+IDS = torch.tensor([[2, 17, 40, 5, 88, 61, 9, 33, 70, 12, 3, 50]])
+
+
 def compare(world: int, fields: dict[str, Any]) -> list[dict[str, Any]]:
     reference = tp_workers.behaviour(tp_workers.build(fields, seed=3))
     ranks = run_ranks(tp_workers.sharded_behaviour, world, {"fields": fields, "seed": 3})
@@ -80,3 +83,32 @@ def test_sizes_that_cannot_split_are_refused_naming_those_that_can() -> None:
     assert valid_sizes(Gemma2Config.from_preset("gemma-2-2b"), limit=16) == [1, 2, 4, 8]
     assert valid_sizes(Gemma2Config.from_preset("gemma-2-9b"), limit=16) == [1, 2, 4, 8, 16]
     assert valid_sizes(Gemma2Config.from_preset("gemma-2-27b"), limit=32) == [1, 2, 4, 8, 16, 32]
+
+
+QUANTIZABLE = {**FIELDS, "hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "query_pre_attn_scalar": 32}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_sharded_load_reads_its_share_and_quantizes_as_one_process(tmp_path: Any, quantize: str | None) -> None:
+    from gemma2 import Gemma2ForCausalLM
+
+    world, group = 2, 64 if quantize == "int4" else None  # o_proj's 128 inputs: 64 per rank
+    tp_workers.build(QUANTIZABLE, seed=5).save_pretrained(tmp_path)
+    whole = tp_workers.loaded_view(
+        Gemma2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantize=quantize, group_size=group), IDS
+    )
+    payload = {"path": str(tmp_path), "ids": IDS, "quantize": quantize, "group": group}
+    ranks = run_ranks(tp_workers.load_sharded, world, payload)
+    for rank, got in enumerate(ranks):
+        torch.testing.assert_close(got["logits"], whole["logits"], atol=1e-4, rtol=1e-4, msg=f"rank {rank}")
+        # Every split tensor is halved; the norms (replicated) are a sliver of this model's bytes.
+        assert 0.49 < got["bytes_read"] / whole["bytes_read"] < 0.52, (rank, got["bytes_read"], whole["bytes_read"])
+    # The ranks' slices put together are the one-process weights (and int8 / int4 scales), bit for bit.
+    for name, dim in (("q", 0), ("o", 1), ("down", 1)):
+        joined = torch.cat([r["weights"][name] for r in ranks], dim=dim)
+        assert torch.equal(joined, whole["weights"][name]), name
+        if name in whole["scales"]:
+            scales = [r["scales"][name] for r in ranks]
+            expected = whole["scales"][name]
+            joined_scale = scales[0] if expected.dim() == 1 and dim == 1 else torch.cat(scales, dim=dim)
+            assert torch.equal(joined_scale, expected), f"{name} scales"

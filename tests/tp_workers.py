@@ -101,3 +101,26 @@ def argmax_ties(payload: dict[str, Any]) -> list[int]:
     share = full.shape[-1] // dist.get_world_size()
     start = dist.get_rank() * share
     return collectives.argmax(full[:, start : start + share], start).tolist()
+
+
+def load_sharded(payload: dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained(..., tp_plan="auto") on each rank: its logits, bytes read and layer 0's weights."""
+    model = Gemma2ForCausalLM.from_pretrained(
+        payload["path"], tp_plan="auto", dtype=torch.float32, quantize=payload["quantize"], group_size=payload["group"]
+    )
+    return loaded_view(model, payload["ids"])
+
+
+def loaded_view(model: Gemma2ForCausalLM, ids: torch.Tensor) -> dict[str, Any]:
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        logits = model(ids).logits
+    parts = {"q": layer.self_attn.q_proj, "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+    return {
+        "logits": logits,
+        "bytes_read": model.loading_info.bytes_read,
+        "weights": {name: module.weight.clone() for name, module in parts.items()},
+        "scales": {
+            name: module.weight_scale.clone() for name, module in parts.items() if hasattr(module, "weight_scale")
+        },
+    }

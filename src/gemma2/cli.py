@@ -44,7 +44,8 @@ def model_dir(args: argparse.Namespace) -> Path:
         from gemma2.io.default_model import default_model
 
         directory, notice = default_model()
-        print(notice, file=sys.stderr)
+        if _is_main():
+            print(notice, file=sys.stderr)
         return directory
     return resolve_checkpoint_dir(args.model)
 
@@ -52,16 +53,25 @@ def model_dir(args: argparse.Namespace) -> Path:
 def _load(args: argparse.Namespace, tokenizer: bool = True) -> tuple[Gemma2ForCausalLM, Gemma2Tokenizer | None]:
     import torch
 
+    from gemma2.distributed import launch
     from gemma2.heads import Gemma2ForCausalLM
     from gemma2.tokenizer import Gemma2Tokenizer
 
+    tp = launch.tensor_parallel_size(getattr(args, "tp", None))
     directory = model_dir(args)
     tok = Gemma2Tokenizer.from_pretrained(directory) if tokenizer else None
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     quantize = getattr(args, "quantize", None)
     if args.group_size is not None and quantize != "int4":
         raise Gemma2Error("--group-size applies only with --quantize int4")
-    model = Gemma2ForCausalLM.from_pretrained(directory, dtype=dtype, quantize=quantize, group_size=args.group_size)
+    model = Gemma2ForCausalLM.from_pretrained(
+        directory,
+        dtype=dtype,
+        quantize=quantize,
+        group_size=args.group_size,
+        tp_plan="auto" if tp > 1 else None,
+        device=launch.device() if tp > 1 else "cpu",
+    )
     return model, tok
 
 
@@ -86,25 +96,40 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (the one that reads stdin and prints), or the only process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _print_stream(pieces: Any) -> str:
+    """Every rank runs the generation in step; rank 0 prints it."""
     text = []
+    shown = _is_main()
     for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        if shown:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         text.append(piece)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if shown:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return "".join(text)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from gemma2.distributed import launch
     from gemma2.generation import stream
 
+    kwargs = _sampling_kwargs(args)
+    launch.tensor_parallel_size(args.tp)  # joins torchrun's group: rank 0 then hands stdin to the others
     # A piped prompt ends with the newline of its last line; that newline is not part of the prompt.
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
+    prompt = args.prompt
+    if prompt is None:
+        prompt = launch.read_on_main(lambda: sys.stdin.read().removesuffix("\n"))
     if not prompt.strip():
         raise Gemma2Error("empty prompt: give PROMPT or pipe text on stdin")
-    kwargs = _sampling_kwargs(args)
     model, tok = _load(args)
     assert tok is not None
     if args.chat or args.system:
@@ -114,24 +139,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _print_stream(stream(model, tok, messages, **kwargs))
     else:
         _print_stream(stream(model, tok, prompt, **kwargs))
+    launch.finish()
     return 0
 
 
+def _read_line(prompt: str) -> str | None:
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    from gemma2.distributed import launch
     from gemma2.generation import stream
 
     kwargs = _sampling_kwargs(args)
     model, tok = _load(args)
     assert tok is not None
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin.isatty() and _is_main()
     if interactive:
         print("gemma2 chat: type a message; /reset clears the history; Ctrl-D or /exit quits.", file=sys.stderr)
     try:
         while True:
-            try:
-                line = input("you> " if interactive else "")
-            except EOFError:
+            # Rank 0 reads each line and hands it to the other ranks, which follow its turns.
+            line = launch.read_on_main(lambda: _read_line("you> " if interactive else ""))
+            if line is None:
                 break
             line = line.strip()
             if not line:
@@ -149,6 +183,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         sys.stdout.write("\n")  # leave the terminal on a fresh line
         sys.stdout.flush()
+        return 0
+    launch.finish()
     return 0
 
 
@@ -312,6 +348,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_model_options(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
+    parser.add_argument(
+        "--tp", type=int, help="tensor-parallel size: run under torchrun with this many processes (default: all)"
+    )
     if quantize:
         parser.add_argument(
             "--quantize",
