@@ -37,6 +37,7 @@ import httpx
 from serve_bench_client import run_load, summarize
 
 GEMMA2, LLAMA = "gemma2", "llama.cpp"
+PAIRS = 16  # gemma2's requests at concurrency 1, each paired with the library's own generation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,7 +175,8 @@ def measure_server(
         count = args.num_prompts or max(8, 4 * concurrency)
         batch = [convert(p) for p in prompts(count, args.input_len, vocab, seed=concurrency)]
         if concurrency == 1 and generate is not None:
-            rows[1] = measure_paired(server, generate, batch, args)  # type: ignore[arg-type]
+            pairs = [convert(p) for p in prompts(max(count, PAIRS), args.input_len, vocab, seed=concurrency)]
+            rows[1] = measure_paired(server, generate, pairs, args)  # type: ignore[arg-type]
             print(f"  {name} c=1: {rows[1]['output_throughput']:.2f} output tok/s, paired with generate", flush=True)
             continue
         results, duration = asyncio.run(run_load(server.url, batch, args.output_len, concurrency, model))  # type: ignore[arg-type]
@@ -219,9 +221,13 @@ def measure_paired(server: Server, generate: Generate, batch: list[list[int]], a
     """Concurrency 1 with each request right after `generate` on the same prompt, so both see the same
     moment of the machine (its bandwidth drifts by more than the 5 % the target allows)."""
     results, duration, tpots = [], 0.0, []
-    for prompt in batch:
-        tpots.append(generate.tpot(prompt))
+    for i, prompt in enumerate(batch):
+        # Which of the two goes first alternates, so that a drift within a pair cancels over pairs.
+        if i % 2 == 0:
+            tpots.append(generate.tpot(prompt))
         one, seconds = asyncio.run(run_load(server.url, [prompt], args.output_len, 1, None))
+        if i % 2 == 1:
+            tpots.append(generate.tpot(prompt))
         results += one
         duration += seconds
     row = summarize(results, duration)
