@@ -15,6 +15,20 @@ from gemma2 import Gemma2Config, Gemma2ForCausalLM
 from gemma2.engine import Engine
 from gemma2.sampling import SamplingParams
 
+# A tiny shape for the training tests (float32).
+FIELDS_FOR_TRAINING: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=16,
+    sliding_window=4,
+    max_position_embeddings=32,
+)
+
 
 def build(fields: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32) -> Gemma2ForCausalLM:
     model = Gemma2ForCausalLM(Gemma2Config(**fields))

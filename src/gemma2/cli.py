@@ -218,6 +218,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"KV cache at {length} tokens, batch 1, bf16: {cache / 2**20:,.1f} MiB "
         f"(sliding layers keep {config.sliding_window} slots; {everything / 2**20:,.1f} MiB if every layer kept all)"
     )
+    if args.tp is not None:
+        from gemma2.distributed.plan import describe
+
+        tensors = {key: (reader.shape(key), reader.dtype(key).itemsize) for key in reader.keys()}
+        print(describe(config, args.tp, tensors, length))
     import os
 
     from gemma2.backends.cpu import library, prefill
@@ -402,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="config, parameter count, dtype, weight and KV-cache memory")
     info.add_argument("--model", help="checkpoint directory or hub id (default: the bundled default model)")
+    info.add_argument("--tp", type=int, help="also show what each rank holds at this tensor-parallel size")
     info.set_defaults(run=cmd_info)
 
     convert = sub.add_parser(

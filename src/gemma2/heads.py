@@ -173,6 +173,21 @@ class Gemma2ForCausalLM(Gemma2PreTrainedModel):
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
 
+    def chunked_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean next-token loss of `labels`, from hidden states a chunk of positions at a time (never
+        all the logits): what training calls. One method, so that a sharded model (FSDP) gathers the
+        embedding and the tied head for the whole of it."""
+        hidden = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        return chunked_causal_lm_loss(
+            hidden.last_hidden_state, self.lm_head.weight, labels, self.config.final_logit_softcapping
+        )
+
     def greedy_tokens_of_shard(self, logits: torch.Tensor) -> torch.Tensor:
         """The greedy tokens from logits that forward(..., vocab_shard=True) returned."""
         if self.vocab_parallel is None:

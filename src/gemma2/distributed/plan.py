@@ -21,6 +21,7 @@ names those that can.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 from gemma2.config import Gemma2Config
@@ -166,3 +167,33 @@ def check_size(config: Gemma2Config, size: int, int4_group: int | None = None) -
     if found:
         sizes = ", ".join(map(str, valid_sizes(config, int4_group, max(64, size))))
         raise InputError(f"tensor parallel size {size} cannot split {'; '.join(found)}; sizes that work here: {sizes}")
+
+
+def bytes_per_rank(tensors: dict[str, tuple[tuple[int, ...], int]], layout: Layout) -> int:
+    """Bytes of a state dict {name: (whole shape, bytes per element)} that one rank holds."""
+    total = 0
+    for name, (shape, itemsize) in tensors.items():
+        count = math.prod(shape)
+        part = parameter_slice(name, shape, layout)
+        if part is not None:
+            dim, start, stop = part
+            count = count // shape[dim] * (stop - start)
+        total += count * itemsize
+    return total
+
+
+def describe(config: Gemma2Config, size: int, tensors: dict[str, tuple[tuple[int, ...], int]], length: int) -> str:
+    """What one rank holds at TP `size`: weights, and the KV cache of one `length`-token sequence in bf16."""
+    from gemma2.cache import cache_memory_bytes
+
+    check_size(config, size)
+    layout = Layout.of(config, 0, size)
+    weights = bytes_per_rank(tensors, layout)
+    kv = cache_memory_bytes(config.replace(num_key_value_heads=layout.local_kv_heads), length)
+    heads = f"{layout.local_heads} query and {layout.local_kv_heads} key/value heads per rank"
+    if layout.kv_replicas > 1:
+        heads += f" (each key/value head on {layout.kv_replicas} ranks)"
+    return (
+        f"tensor parallel {size}: weights {weights / 2**20:,.1f} MiB per rank, KV cache at {length} tokens "
+        f"{kv / 2**20:,.1f} MiB per rank; {heads}"
+    )

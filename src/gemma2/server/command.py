@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -49,6 +50,14 @@ def serve(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         api_key=args.api_key,
     )
+    tp = _join_tensor_parallel(args)
+    if tp > 1 and args.rank != 0:  # a follower: no HTTP, rank 0's steps (followers.py)
+        from gemma2.server import followers
+
+        engine, _ = _build_engine(args, directory, settings)
+        followers.follow(engine, args.control)
+        _finish_tensor_parallel()
+        return 0
     state = ServerState(settings)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -68,7 +77,67 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         if state.worker is not None:
             state.worker.stop()
+            if tp > 1:
+                mirrored: Any = state.worker.engine
+                mirrored.close()  # the MirroredEngine: the followers stop
+                _finish_tensor_parallel()
     return server.exit_code
+
+
+def _join_tensor_parallel(args: argparse.Namespace) -> int:
+    """--tp under torchrun: join the group, and make the followers' control channel (every rank)."""
+    from gemma2.distributed import launch
+
+    tp = launch.tensor_parallel_size(args.tp)
+    args.tp_size, args.rank, args.control = tp, launch.rank(), None
+    if tp > 1:
+        from gemma2.server import followers
+
+        args.control = followers.control_group()
+        followers.seed_sampling()
+    return tp
+
+
+def _finish_tensor_parallel() -> None:
+    from gemma2.distributed import launch
+
+    launch.finish()
+
+
+def _build_engine(args: argparse.Namespace, directory: Path, settings: ServerSettings) -> tuple[Any, Any]:
+    """The model (this rank's shard of it under --tp) and an engine over it; rank 0's is mirrored."""
+    import torch
+
+    from gemma2.distributed import launch
+    from gemma2.engine import Engine
+    from gemma2.heads import Gemma2ForCausalLM
+
+    tp = args.tp_size
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.group_size is not None and args.quantize != "int4":
+        raise Gemma2Error("--group-size applies only with --quantize int4")
+    model = Gemma2ForCausalLM.from_pretrained(
+        directory,
+        dtype=dtype,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        tp_plan="auto" if tp > 1 else None,
+        device=launch.device() if tp > 1 else "cpu",
+    )
+    engine: Any = Engine(
+        model,
+        max_batch=settings.max_batch,
+        max_length=settings.max_model_len,
+        prefill_chunk=args.prefill_chunk,
+        preallocate=False,
+    )
+    if tp > 1 and args.rank == 0:
+        from gemma2.server.followers import MirroredEngine
+
+        engine = MirroredEngine(engine, args.control)
+    return engine, model
 
 
 def _configure_logging(level: str) -> None:
@@ -108,31 +177,13 @@ def _bind(host: str, port: int) -> socket.socket:
 def _load(args: argparse.Namespace, directory: Path, state: ServerState, server: DrainingServer) -> None:
     """Load model and tokenizer, start the engine thread, then open the doors."""
     try:
-        import torch
-
-        from gemma2.engine import Engine
-        from gemma2.heads import Gemma2ForCausalLM
         from gemma2.server.worker import EngineWorker
         from gemma2.tokenizer import Gemma2Tokenizer
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         started = time.perf_counter()
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        if args.group_size is not None and args.quantize != "int4":
-            raise Gemma2Error("--group-size applies only with --quantize int4")
         tokenizer = Gemma2Tokenizer.from_pretrained(directory)
-        model = Gemma2ForCausalLM.from_pretrained(
-            directory, dtype=dtype, quantize=args.quantize, group_size=args.group_size
-        )
         settings = state.settings
-        engine = Engine(
-            model,
-            max_batch=settings.max_batch,
-            max_length=settings.max_model_len,
-            prefill_chunk=args.prefill_chunk,
-            preallocate=False,
-        )
+        engine, model = _build_engine(args, directory, settings)
         worker = EngineWorker(engine, state.metrics, args.max_queue)
         worker.start()
         state.ready(tokenizer, worker)

@@ -28,4 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM (default 30)"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the cores)")
+    parser.add_argument(
+        "--tp", type=int, help="tensor-parallel size: run under torchrun with this many processes (default: all)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

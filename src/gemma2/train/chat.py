@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gemma2.heads import IGNORE_INDEX, chunked_causal_lm_loss
+from gemma2.heads import IGNORE_INDEX
 from gemma2.tokenizer import ChatFormatError
 from gemma2.train.classification import PaddedExamples
 from gemma2.train.datasets import DataError, read_records
@@ -54,5 +54,4 @@ def encode_conversations(
 
 
 def chat_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return chunked_causal_lm_loss(hidden, model.lm_head.weight, batch["labels"], model.config.final_logit_softcapping)
+    return model.chunked_loss(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])

@@ -115,6 +115,11 @@ def encode_token_examples(
     return PaddedExamples(rows, row_labels, tokenizer.pad_token_id)
 
 
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """A token classifier's targets: the tokens with a label (not -100)."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
 def classification_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss

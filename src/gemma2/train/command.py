@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma2.cli import model_dir
+from gemma2.distributed import launch
 from gemma2.errors import Gemma2Error
 
 
@@ -22,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.lora_rank < 0:
         raise Gemma2Error(f"--lora-rank must be >= 1 (0 for full fine-tuning), got {args.lora_rank}")
+    launch.init_from_env()  # under torchrun: FSDP2 over every rank
     if args.task not in ("causal-lm", "chat"):
         return _train_classifier(args)
     directory = model_dir(args)
@@ -39,28 +41,67 @@ def run(args: argparse.Namespace) -> int:
         train_rows = pack_documents(encode(read_text_documents(args.data)), args.seq_len, tok.bos_token_id)
         if args.eval_data:
             eval_rows = pack_documents(encode(read_text_documents(args.eval_data)), args.seq_len, tok.bos_token_id)
-    model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = Gemma2ForCausalLM.from_pretrained(directory, dtype=torch.float32, device=launch.device())
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.lora_rank:
         from gemma2.train.lora import apply_lora
 
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
+    model = _shard(model)
     settings = _train_settings(args, len(train_rows))
     torch.manual_seed(args.seed)
     if args.task == "chat":
         from gemma2.train.chat import chat_loss
+        from gemma2.train.trainer import causal_lm_targets
 
         evaluation = perplexity_eval(eval_rows, args.batch_size, chat_loss) if eval_rows is not None else None
-        result = train(model, train_rows, settings, chat_loss, evaluation, None, *_resume_args(args))
+        resume = _resume_args(args)
+        result = train(model, train_rows, settings, chat_loss, evaluation, None, *resume, targets=causal_lm_targets)
     else:
         result = train_causal_lm(model, train_rows, settings, eval_rows, None, *_resume_args(args))
     stored = _save_trained(args, model, tok, directory)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "eval_loss" in result:
         summary += f", eval loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.1f})"
-    print(f"{summary}; saved {stored} to {args.out}")
+    if launch.is_main():
+        print(f"{summary}; saved {stored} to {args.out}")
+    launch.finish()
     return 0
+
+
+def _shard(model: Any) -> Any:
+    """Under torchrun: FSDP2 over every rank (gemma2.distributed.fsdp); the model itself otherwise."""
+    if launch.world_size() == 1:
+        return model
+    from gemma2.distributed import fsdp
+
+    cls = type(model)
+    fsdp.shard_for_training(model)
+    model.unsharded_class = cls  # what rank 0 rebuilds to write the export
+    return model
+
+
+def _gathered(model: Any, args: argparse.Namespace) -> Any:
+    """A sharded model's whole weights in a plain model on rank 0 (None on the other ranks); the model
+    itself on one process."""
+    if getattr(model, "unsharded_class", None) is None:
+        return model
+    from gemma2.distributed import fsdp
+    from gemma2.io.loading import skeleton_construction
+
+    state = fsdp.full_state_dict(model)  # every rank takes part
+    if not launch.is_main():
+        return None
+    with skeleton_construction():
+        plain = model.unsharded_class(model.config)
+        if args.lora_rank:
+            from gemma2.train.lora import apply_lora
+
+            apply_lora(plain, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    return plain.eval()
 
 
 def _train_settings(args: argparse.Namespace, examples: int) -> Any:
@@ -94,6 +135,9 @@ def _save_trained(args: argparse.Namespace, model: Any, tok: Any, directory: Pat
     the full weights) with the tokenizer, drop the saved training state; say what was written."""
     import shutil
 
+    model = _gathered(model, args)
+    if model is None:  # not rank 0: the export is rank 0's to write
+        return ""
     stored = str(model.dtype).removeprefix("torch.") + " weights"
     if args.lora_rank and not args.merge:
         from gemma2.train.lora import save_adapter
@@ -157,6 +201,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank)
         for parameter in model.score.parameters():
             parameter.requires_grad_(True)
+    model = _shard(model)
     settings = _train_settings(args, len(train_data))
     torch.manual_seed(args.seed)
     metrics = None
@@ -166,10 +211,16 @@ def _train_classifier(args: argparse.Namespace) -> int:
         def metrics(m: torch.nn.Module, limit: int | None) -> dict[str, float]:
             return cls_data.classification_metrics(m, data, args.batch_size)
 
-    result = train(model, train_data, settings, cls_data.classification_loss, metrics, None, *_resume_args(args))
+    from gemma2.train.trainer import examples
+
+    targets = examples if sequence else cls_data.labelled_tokens
+    loss = cls_data.classification_loss
+    result = train(model, train_data, settings, loss, metrics, None, *_resume_args(args), targets=targets)
     _save_trained(args, model, tok, directory)
     summary = f"trained {int(result['steps'])} steps, train loss {result['train_loss']:.3f}"
     if "accuracy" in result:
         summary += f", eval accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}"
-    print(f"{summary}; {len(id2label)} labels; saved to {args.out}")
+    if launch.is_main():
+        print(f"{summary}; {len(id2label)} labels; saved to {args.out}")
+    launch.finish()
     return 0

@@ -21,8 +21,9 @@ from typing import Any, Protocol, cast
 
 import torch
 
+from gemma2.distributed import fsdp
 from gemma2.errors import Gemma2Error, TrainingError, TrainingInterrupted  # noqa: F401 (raised here, importable from here too)
-from gemma2.heads import Gemma2ForCausalLM, chunked_causal_lm_loss
+from gemma2.heads import Gemma2ForCausalLM
 from gemma2.train.data import PackedRows
 
 
@@ -56,13 +57,23 @@ def learning_rate(step: int, settings: TrainSettings) -> float:
     return floor + (settings.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def causal_lm_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Positions with a next token to predict (labels[t + 1] not -100): what the causal-LM loss averages over."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def examples(batch: dict[str, torch.Tensor]) -> int:
+    """One target per example (a sequence classifier's)."""
+    return int(batch["input_ids"].shape[0])
+
+
 def causal_lm_loss(model: Gemma2ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss of a packed batch, with the chunked (memory-lean) loss."""
-    hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
-    return chunked_causal_lm_loss(hidden, model.lm_head.weight, batch["labels"], model.config.final_logit_softcapping)
+    return model.chunked_loss(batch["input_ids"], batch["labels"], position_ids=batch["position_ids"])
 
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+TargetsFn = Callable[[dict[str, torch.Tensor]], int]
 
 
 @torch.no_grad()
@@ -121,10 +132,31 @@ def train_causal_lm(
 ) -> dict[str, float]:
     """Train a causal LM in place; returns the final train loss, eval loss / perplexity and tokens per second."""
     evaluation = perplexity_eval(eval_rows, settings.batch_size) if eval_rows is not None else None
-    return train(model, rows, settings, cast(LossFn, causal_lm_loss), evaluation, log, checkpoint, resume, on_step)
+    return train(
+        model,
+        rows,
+        settings,
+        cast(LossFn, causal_lm_loss),
+        evaluation,
+        log,
+        checkpoint,
+        resume,
+        on_step,
+        causal_lm_targets,
+    )
 
 
 STATE_FILE = "training_state.pt"
+SHARDED_STATE = "training_state.dcp"  # a distributed run's, by torch.distributed.checkpoint
+
+
+def _extra_state(generator: torch.Generator, state: _LoopState) -> dict[str, Any]:
+    """What a sharded checkpoint holds beside the model and optimizer (the same on every rank)."""
+    return {"generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "loop": state}
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -168,15 +200,24 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
+    targets: TargetsFn = examples,
 ) -> dict[str, float]:
     """The loop for any head: loss_fn(model, batch) gives the loss, eval_fn(model, max_batches) the metrics.
+
+    loss_fn returns a mean over the batch's targets (`targets(batch)` counts them); each step's
+    loss is the mean over every target of its micro-batches, so that it does not depend on how
+    they split. Under torch.distributed (a model wrapped by gemma2.distributed.fsdp), each batch
+    is split over the ranks and the mean is over every rank's targets.
 
     With `checkpoint`, the whole training state (weights, optimizer, data order, random generators,
     step) is saved there every `settings.save_every` steps and when Ctrl-C interrupts the loop,
     which then raises TrainingInterrupted; `resume=True` continues from it with the same result as
     an uninterrupted run. `on_step(steps_done)` is called after every optimizer step.
     """
-    log = log or (lambda text: print(text, file=sys.stderr))
+    rank, world_size = fsdp.world()
+    log = log or (lambda text: print(text, file=sys.stderr) if rank == 0 else None)
+    if settings.batch_size < world_size:
+        raise TrainingError(f"batch size {settings.batch_size} is smaller than the {world_size} ranks that share it")
     generator = torch.Generator().manual_seed(settings.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -190,11 +231,16 @@ def train(
     batch_size = min(settings.batch_size, len(data))
     state = _LoopState(order=torch.randperm(len(data), generator=generator))
     if resume:
-        if checkpoint is None or not (checkpoint / STATE_FILE).exists():
+        if checkpoint is None or not ((checkpoint / STATE_FILE).exists() or (checkpoint / SHARDED_STATE).exists()):
             raise TrainingError(f"{checkpoint}: no saved training state to resume from")
-        saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if (checkpoint / SHARDED_STATE).exists():  # saved by a distributed run: loads at any world size
+            saved = fsdp.load_training_state(
+                checkpoint / SHARDED_STATE, model, optimizer, _extra_state(generator, state)
+            )
+        else:
+            saved = torch.load(checkpoint / STATE_FILE, weights_only=False)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["loop"]
@@ -202,6 +248,9 @@ def train(
 
     def save() -> None:
         assert checkpoint is not None
+        if world_size > 1:
+            fsdp.save_training_state(checkpoint / SHARDED_STATE, model, optimizer, _extra_state(generator, state))
+            return
         checkpoint.mkdir(parents=True, exist_ok=True)
         saved = {
             "model": model.state_dict(),
@@ -215,7 +264,7 @@ def train(
         partial.replace(checkpoint / STATE_FILE)
 
     bar = None
-    if settings.progress:
+    if settings.progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=settings.max_steps, initial=state.step, desc="training", file=sys.stderr, dynamic_ncols=True)
@@ -229,18 +278,27 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state.step, settings)
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
+            batches = []
             for _ in range(settings.grad_accum):
                 if state.cursor + batch_size > len(state.order):
                     state.order, state.cursor = torch.randperm(len(data), generator=generator), 0
-                batch = data.batch(state.order[state.cursor : state.cursor + batch_size])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-                    loss = loss_fn(model, batch) / settings.grad_accum
-                loss.backward()
+                # This rank's share of the batch (all of it on one process).
+                index = state.order[state.cursor : state.cursor + batch_size].tensor_split(world_size)[rank]
+                batches.append(data.batch(index))
                 state.cursor += batch_size
+            # Each micro-batch's mean, weighted by its share of the step's targets on every rank; times
+            # the world size, since FSDP averages the ranks' gradients.
+            counts = [targets(batch) for batch in batches]
+            total = max(1, fsdp.global_targets(sum(counts), _device(model)))
+            step_loss = 0.0
+            for batch, count in zip(batches, counts):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                    loss = loss_fn(model, batch) * (count / total)
+                (loss * world_size).backward()
                 step_loss += float(loss.detach())
                 counted = batch.get("attention_mask", batch["labels"] != -100)
                 state.tokens_seen += int(counted.sum())
+            step_loss = fsdp.global_sum(step_loss, _device(model))
             torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
             optimizer.step()
             state.step += 1
