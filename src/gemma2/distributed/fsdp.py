@@ -82,7 +82,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return dict(get_model_state_dict(model, options=options))  # type: ignore[arg-type]
 
 
 def save_training_state(directory: Any, model: nn.Module, optimizer: Any, extra: dict[str, Any]) -> None:
