@@ -112,3 +112,15 @@ def test_a_sharded_load_reads_its_share_and_quantizes_as_one_process(tmp_path: A
             expected = whole["scales"][name]
             joined_scale = scales[0] if expected.dim() == 1 and dim == 1 else torch.cat(scales, dim=dim)
             assert torch.equal(joined_scale, expected), f"{name} scales"
+
+
+def test_info_shows_what_each_rank_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    from gemma2.cli import main
+
+    assert main(["info", "--tp", "2"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tensor parallel 2"))
+    assert "per rank" in line and "2 query and 1 key/value heads per rank" in line
+    assert main(["info", "--tp", "4"]) == 0  # the demo model's 2 key/value heads, each on 2 ranks
+    assert "each key/value head on 2 ranks" in capsys.readouterr().out
+    assert main(["info", "--tp", "3"]) == 2
+    assert "tensor parallel size 3 cannot split the 4 query heads" in capsys.readouterr().err
