@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         for world in [int(x) for x in args.tp.split(",")]:
             got = run_world(directory, world, args)
             scale = full.num_hidden_layers / (layers or full.num_hidden_layers)
-            per_decode = _per_token(got["decode"], args.decode, scale, layers is not None)
-            per_prefill = _per_token(got["prefill"], args.prompt, scale, layers is not None)
+            per_decode = _per_token(got["decode"], args.decode, args.decode, scale, layers is not None)
+            per_prefill = _per_token(got["prefill"], args.prompt, 1, scale, layers is not None)
             inside_d = sum(v["seconds"] for v in got["decode"].values()) / got["decode_s"] if world > 1 else 0.0
             inside_p = sum(v["seconds"] for v in got["prefill"].values()) / got["prefill_s"] if world > 1 else 0.0
             depth = "" if layers is None else f" ({layers} of {full.num_hidden_layers} layers run)"
@@ -177,19 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _per_token(stats: dict[str, dict[str, float]], tokens: int, scale: float, scaled: bool) -> tuple[float, float]:
-    """(collectives, payload bytes) per token; with fewer layers run, the layers' all-reduces times the
-    depth ratio (two per layer) and the rest (the embedding's all-reduce, the head's gather) as counted."""
-    calls = sum(v["calls"] for v in stats.values()) / tokens
-    sent = sum(v["bytes"] for v in stats.values()) / tokens
+def _per_token(
+    stats: dict[str, dict[str, float]], tokens: int, forwards: int, scale: float, scaled: bool
+) -> tuple[float, float]:
+    """(collectives, payload bytes) per token. With fewer layers run than the model has, the layers'
+    all-reduces (all but the embedding's one per forward) count `scale` times; the embedding's and
+    the head's collectives do not depend on depth and count as they were."""
+    calls = sum(v["calls"] for v in stats.values())
+    sent = sum(v["bytes"] for v in stats.values())
     if scaled and "all_reduce" in stats:
-        reduce_calls = stats["all_reduce"]["calls"] / tokens
-        reduce_bytes = stats["all_reduce"]["bytes"] / tokens
-        per_call = reduce_bytes / reduce_calls
-        layer_calls = reduce_calls - 1  # one of them is the embedding's
+        reduces = stats["all_reduce"]
+        per_call = reduces["bytes"] / reduces["calls"]  # every all-reduce of a forward has the same size
+        layer_calls = reduces["calls"] - forwards
         calls += layer_calls * (scale - 1)
         sent += layer_calls * per_call * (scale - 1)
-    return calls, sent
+    return calls / tokens, sent / tokens
 
 
 if __name__ == "__main__":
