@@ -98,9 +98,9 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _is_main() -> bool:
     """Rank 0 under torchrun (the one that reads stdin and prints), or the only process."""
-    import os
+    from gemma2.distributed import launch
 
-    return os.environ.get("RANK", "0") == "0"
+    return launch.is_main()
 
 
 def _print_stream(pieces: Any) -> str:

@@ -52,17 +52,9 @@ def shard_for_training(model: nn.Module) -> nn.Module:
     return model
 
 
-def global_targets(count: int, device: torch.device | str = "cpu") -> int:
-    """The number of targets summed over every rank (the count itself on one process)."""
-    _, size = world()
-    if size == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
 def global_sum(value: float, device: torch.device | str = "cpu") -> float:
+    """`value` summed over every rank (the value itself on one process); float64, so that counts of
+    targets stay exact."""
     _, size = world()
     if size == 1:
         return value
@@ -71,10 +63,9 @@ def global_sum(value: float, device: torch.device | str = "cpu") -> float:
     return float(total.item())
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+def global_targets(count: int, device: torch.device | str = "cpu") -> int:
+    """The number of targets summed over every rank (the count itself on one process)."""
+    return int(global_sum(count, device))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
