@@ -3,45 +3,33 @@
 
 /* ---- bf16 weights ------------------------------------------------------------------------ */
 
-/* R weight rows starting at n against all M activation rows. Several rows at once keep several
- * memory streams in flight, which is what reaches full bandwidth on one core. */
-INLINE void bf16_block(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t N, int64_t K,
-                       const int M, const int R) {
-    __m512 acc[MAX_ROWS][8];
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
-    const uint16_t *rows = w + n * K;
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512bh wv[8];
-        /* The same place in the next block of R rows (about 18 KB ahead at K = 2304): with 3 or more
-         * activation rows the dot products keep the core busy long enough that the hardware
-         * prefetcher's streams fall behind. Against half a kilobyte ahead in the row, on a Zen 4 with
-         * 2 threads: 4 rows 18.5 -> 25.9 GB/s, 8 rows 11.5 -> 21.4 GB/s (a row past the last block
-         * is prefetched too; a prefetch never faults). */
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + R * K + r * K + k), _MM_HINT_T0);
-        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(rows + r * K + k);
-        for (int m = 0; m < M; m++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-            for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-        }
-    }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
-}
+/* How far ahead (bytes) the kernels for three or more activation rows ask for weights, into L2.
+ * With more rows the loop body grows (one weight load, M activation loads and M dot products per
+ * 64 bytes), so the out-of-order window covers fewer cache lines than with one row, and the demand
+ * loads alone keep too few misses in flight to stream at full bandwidth (Little's law). Asking
+ * 16 KB ahead into L2 hides the latency. A/B on a 55296 x 2304 matrix, 2 threads on a Zen 4:
+ * 4 rows 25-28 GB/s without it, 47-53 with it, as fast as one row; 16 KB ahead into L1 instead
+ * (_MM_HINT_T0) was slower than no prefetch. */
+#define PREFETCH_AHEAD 16384
+#ifndef PREFETCH_FROM_ROWS
+#define PREFETCH_FROM_ROWS 3
+#endif
 
 /* One weight row against M activation rows, read front to back with U independent accumulators
- * per activation row. For one or two activation rows this is faster than bf16_block: each thread
- * reads one contiguous stream (its share of the rows), which the hardware prefetcher follows at
- * full bandwidth, while several rows read side by side are several streams and fall short of it. */
+ * per activation row. Each thread reads one contiguous stream (its share of the rows), which for
+ * one or two activation rows the hardware prefetcher follows at full bandwidth by itself; from three
+ * rows on the kernel prefetches PREFETCH_AHEAD bytes ahead. It reloads the M activation rows for
+ * every weight row, so it is the kernel while they fit in L1 beside the weight stream. */
 INLINE void bf16_stream(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t N, int64_t K,
                         const int M, const int U) {
-    __m512 acc[2][4];
+    __m512 acc[MAX_ROWS][4];
     for (int m = 0; m < M; m++)
         for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
     const uint16_t *row = w + n * K;
     int64_t k = 0;
     for (; k + 32 * U <= K; k += 32 * U)
         for (int u = 0; u < U; u++) {
+            if (M >= PREFETCH_FROM_ROWS) _mm_prefetch((const char *)(row + k + 32 * u) + PREFETCH_AHEAD, _MM_HINT_T1);
             __m512bh wv = (__m512bh)_mm512_loadu_si512(row + k + 32 * u);
             for (int m = 0; m < M; m++)
                 acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * u), wv);
@@ -58,41 +46,76 @@ INLINE void bf16_stream(const uint16_t *x, const uint16_t *w, uint16_t *y, int64
     }
 }
 
-#define BF16_STREAM(M, U)                                                                                         \
-    static void bf16_rows_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,            \
-                              int threads) {                                                                      \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t n = 0; n < N; n++) bf16_stream(x, w, y, n, N, K, M, U);                                      \
+/* R weight rows starting at n against all M activation rows, sharing each activation load between
+ * the R rows: for activation rows that do not fit in L1 (a wide K, or many rows), and for seven or
+ * eight rows, where bf16_stream's 4 * M accumulators would pass the 32 registers. A/B as above:
+ * K = 9216, 2 rows 21-24 GB/s streaming, 33 in blocks; 8 rows at K = 2304, 12-14 streaming, 30-40
+ * in blocks with the next block prefetched into L2. */
+INLINE void bf16_block(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t n, int64_t N, int64_t K,
+                       const int M, const int R) {
+    __m512 acc[MAX_ROWS][8];
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+    const uint16_t *rows = w + n * K;
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh wv[8];
+        /* The same place in the next block of R rows (a row past the last block is prefetched
+         * too; a prefetch never faults). */
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + R * K + r * K + k), _MM_HINT_T1);
+        for (int r = 0; r < R; r++) wv[r] = (__m512bh)_mm512_loadu_si512(rows + r * K + k);
+        for (int m = 0; m < M; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+        }
     }
-BF16_STREAM(1, 4)
-BF16_STREAM(2, 4)
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) y[m * N + n + r] = to_bf16(_mm512_reduce_add_ps(acc[m][r]));
+}
 
-/* For three or more activation rows the dot products and activation loads, not the memory, set the
- * pace: bf16_block reads R weight rows side by side and shares each activation load between them
- * (R = 4 beat 3 at 6-8 rows, 24 against 21 GB/s, though its 32 accumulators spill a few).
- * One function per (M, R): the block size must be a literal inside the OpenMP region, which is
- * outlined into its own function, so that the accumulators stay in registers. */
-#define BF16_ROWS(M, R)                                                                                           \
-    static void bf16_rows_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,            \
-                              int threads) {                                                                      \
-        int64_t full = N / R * R;                                                                                 \
+/* One function per row count and kernel: the loop bounds must be literals inside the OpenMP region,
+ * which is outlined into its own function, so that the accumulators stay in registers. */
+typedef void (*bf16_rows_fn)(const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t, int);
+#define BF16_STREAM(M)                                                                                            \
+    static void bf16_stream_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,          \
+                                int threads) {                                                                    \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
-        for (int64_t n = 0; n < full; n += R) bf16_block(x, w, y, n, N, K, M, R);                                 \
+        for (int64_t n = 0; n < N; n++) bf16_stream(x, w, y, n, N, K, M, 4);                                      \
+    }
+#define BF16_BLOCKS(M)                                                                                            \
+    static void bf16_blocks_##M(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t N, int64_t K,          \
+                                int threads) {                                                                    \
+        int64_t full = N / 4 * 4;                                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t n = 0; n < full; n += 4) bf16_block(x, w, y, n, N, K, M, 4);                                 \
         for (int64_t n = full; n < N; n++) bf16_block(x, w, y, n, N, K, M, 1);                                    \
     }
-BF16_ROWS(3, 4)
-BF16_ROWS(4, 4)
-BF16_ROWS(5, 4)
-BF16_ROWS(6, 4)
-BF16_ROWS(7, 4)
-BF16_ROWS(8, 4)
+BF16_STREAM(1)
+BF16_STREAM(2)
+BF16_STREAM(3)
+BF16_STREAM(4)
+BF16_STREAM(5)
+BF16_STREAM(6)
+BF16_BLOCKS(2)
+BF16_BLOCKS(3)
+BF16_BLOCKS(4)
+BF16_BLOCKS(5)
+BF16_BLOCKS(6)
+BF16_BLOCKS(7)
+BF16_BLOCKS(8)
+
+/* Activation rows up to this many bytes stream (bf16_stream); more go in blocks. A Zen 4 or
+ * Sapphire Rapids core has 32 or 48 KB of L1 data cache. */
+#define STREAM_ACTIVATION_BYTES (20 * 1024)
+#define STREAM_ROWS 6
 
 void gemma2_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t N, int64_t K,
                         int threads) {
-    static void (*const rows[MAX_ROWS + 1])(const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t,
-                                            int) = {0,           bf16_rows_1, bf16_rows_2, bf16_rows_3, bf16_rows_4,
-                                                    bf16_rows_5, bf16_rows_6, bf16_rows_7, bf16_rows_8};
-    rows[M](x, w, y, N, K, threads);
+    static const bf16_rows_fn stream[STREAM_ROWS + 1] = {0, bf16_stream_1, bf16_stream_2, bf16_stream_3,
+                                                         bf16_stream_4, bf16_stream_5, bf16_stream_6};
+    static const bf16_rows_fn blocks[MAX_ROWS + 1] = {0, bf16_stream_1, bf16_blocks_2, bf16_blocks_3, bf16_blocks_4,
+                                                      bf16_blocks_5, bf16_blocks_6, bf16_blocks_7, bf16_blocks_8};
+    const int streams = M == 1 || (M <= STREAM_ROWS && M * K * 2 <= STREAM_ACTIVATION_BYTES);
+    (streams ? stream : blocks)[M](x, w, y, N, K, threads);
 }
 
 /* ---- quantized weights: integer dot products ------------------------------------------------
