@@ -119,6 +119,31 @@ def test_a_completion_stream_joins_to_the_answer(server: LiveServer) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_streamed_completions_logprobs_join_to_the_answers_with_offsets_that_run_on(
+    server: LiveServer, echo: bool
+) -> None:
+    client = server.client()
+    kwargs: dict[str, Any] = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2, echo=echo)
+    whole = client.completions.create(**kwargs).choices[0]
+    joined: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    pieces = 0
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                pieces += 1
+                for key, values in joined.items():
+                    values += getattr(choice.logprobs, key)
+    assert whole.logprobs is not None
+    assert joined["tokens"] == whole.logprobs.tokens
+    assert joined["token_logprobs"] == pytest.approx(whole.logprobs.token_logprobs)
+    assert joined["text_offset"] == whole.logprobs.text_offset
+    # Each offset is where its token's text starts in the joined token texts.
+    starts = [sum(map(len, whole.logprobs.tokens[:i])) for i in range(len(whole.logprobs.tokens))]
+    assert whole.logprobs.text_offset == starts
+    assert pieces >= 3  # the offsets ran on across chunks
+
+
 def test_the_raw_stream_is_server_sent_events_ending_in_done(server: LiveServer) -> None:
     body = {"messages": CHAT, "max_tokens": 5, "temperature": 0, "stream": True}
     response = server.post("/v1/chat/completions", json=body)

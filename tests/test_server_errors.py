@@ -249,3 +249,36 @@ def test_fuzzed_bodies_never_get_a_5xx(server: LiveServer) -> None:
         statuses.append(response.status_code)
     assert statuses.count(400) > 100
     still_serving(server)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_engine_failure_mid_request_is_an_error_and_the_server_serves_on(
+    server: LiveServer, stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = server.worker.engine
+    real_step = engine.step
+    steps = {"count": 0}
+
+    def failing_step() -> Any:
+        steps["count"] += 1
+        if steps["count"] == 4:  # the prompt is read and a few tokens are out
+            raise RuntimeError("simulated failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    body = {"messages": CHAT, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": stream}
+    response = server.post("/v1/chat/completions", json=body)
+    if stream:  # the stream had begun with a 200: an error event, then [DONE]
+        assert response.status_code == 200
+        events = [e[len("data: ") :] for e in response.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["type"] == "internal_error" and "simulated failure" in error["message"]
+        chunks = [json.loads(e) for e in events[:-2]]
+        assert any(c["choices"] and c["choices"][0]["delta"].get("content") for c in chunks)  # text came first
+    else:
+        error = error_of(response, 500)
+        assert error["type"] == "internal_error" and "simulated failure" in error["message"]
+    assert steps["count"] > 4  # the engine thread kept stepping after the failure
+    server.wait_idle()
+    still_serving(server)

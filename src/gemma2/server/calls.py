@@ -52,6 +52,7 @@ class Call:
         self.first_token: float | None = None
         self.closed = False
         self.token_text = token_text_of(tokenizer)
+        self.text_offsets: dict[int, int] = {}  # per choice: where its next logprobs entry's text starts
 
     # ---- the engine side ------------------------------------------------------------------
 
@@ -142,7 +143,8 @@ class Call:
         return TokenLogprob(token=text, logprob=token.logprob or 0.0, bytes=list(text.encode()), top_logprobs=top)
 
     def completion_logprobs(self, index: int, tokens: list[TokenInfo], echo: bool) -> CompletionLogprobs | None:
-        """The legacy shape; with echo, the prompt's tokens first (the first has no log probability)."""
+        """The legacy shape; with echo, the prompt's tokens first (the first has no log probability).
+        text_offset counts from the choice's first entry, also across a stream's chunks."""
         if self.prepared.logprobs is None:
             return None
         entries: list[TokenInfo] = []
@@ -153,7 +155,7 @@ class Call:
             entries += [TokenInfo(i, lp, top) for i, (lp, top) in zip(prompt[1:], scored)]
         entries += tokens
         out = CompletionLogprobs()
-        offset = 0
+        offset = self.text_offsets.get(index, 0)
         for entry in entries:
             text = self.token_text(entry.token_id)
             out.tokens.append(text)
@@ -166,6 +168,7 @@ class Call:
             out.top_logprobs.append(top)
             out.text_offset.append(offset)
             offset += len(text)
+        self.text_offsets[index] = offset
         return out
 
 

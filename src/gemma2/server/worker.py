@@ -215,4 +215,7 @@ class EngineWorker:
                 self.engine.abort((job.job_id, index))
                 job.loop.call_soon_threadsafe(job.queue.put_nowait, (job.tag, index, RuntimeError(message)))
                 self._close(job, index, "error")
-        self.engine.step()  # report the aborts, so the engine holds nothing
+        try:
+            self.engine.step()  # report the aborts, so the engine holds nothing
+        except Exception:  # the thread must live on: the next request's step tries again
+            log.exception("engine step after a failure failed")
