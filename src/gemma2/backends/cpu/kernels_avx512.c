@@ -3,17 +3,16 @@
 
 /* ---- bf16 weights ------------------------------------------------------------------------ */
 
-/* How far ahead (bytes) the kernels for three or more activation rows ask for weights, into L2.
- * With more rows the loop body grows (one weight load, M activation loads and M dot products per
- * 64 bytes), so the out-of-order window covers fewer cache lines than with one row, and the demand
- * loads alone keep too few misses in flight to stream at full bandwidth (Little's law). Asking
- * 16 KB ahead into L2 hides the latency. A/B on a 55296 x 2304 matrix, 2 threads on a Zen 4:
- * 4 rows 25-28 GB/s without it, 47-53 with it, as fast as one row; 16 KB ahead into L1 instead
- * (_MM_HINT_T0) was slower than no prefetch. */
+/* How far ahead (bytes) the kernels for PREFETCH_FROM_ROWS or more activation rows ask for their
+ * weights, into L2. With more rows the loop body grows (one weight load, M activation loads and M
+ * dot products per 64 bytes), so the out-of-order window covers fewer cache lines than with one
+ * row, and the demand loads alone keep too few misses in flight to stream at full bandwidth
+ * (Little's law). Asking 16 KB ahead into L2 hides the latency. A/B on a 55296 x 2304 matrix,
+ * 2 threads on a Zen 4, 4 rows: bf16 25-28 GB/s without it, 47-53 with it, as fast as one row
+ * (16 KB ahead into L1 instead, _MM_HINT_T0, was slower than no prefetch); int8 13-14 -> 23; int4,
+ * bound by its instructions, unchanged. */
 #define PREFETCH_AHEAD 16384
-#ifndef PREFETCH_FROM_ROWS
 #define PREFETCH_FROM_ROWS 3
-#endif
 
 /* One weight row against M activation rows, read front to back with U independent accumulators
  * per activation row. Each thread reads one contiguous stream (its share of the rows), which for
@@ -199,6 +198,7 @@ INLINE void int8_stream(const Int16Rows *x, const int8_t *q, const float *scale,
         int64_t k = start;
         for (; k + 64 * U <= stop; k += 64 * U)
             for (int u = 0; u < U; u++) {
+                if (M >= PREFETCH_FROM_ROWS) _mm_prefetch((const char *)(row + k + 64 * u) + PREFETCH_AHEAD, _MM_HINT_T1);
                 __m512i w = _mm512_loadu_si512(row + k + 64 * u), w_unsigned = _mm512_xor_si512(w, top_bit);
                 for (int m = 0; m < M; m++) {
                     low[m][u] = _mm512_dpbusd_epi32(low[m][u], _mm512_loadu_si512(x->low + m * K + k + 64 * u), w);
@@ -338,6 +338,7 @@ INLINE void int4_stream(const Int8Blocks *x, const uint8_t *q, const float *scal
     for (int m = 0; m < M; m++) total[m][0] = total[m][1] = _mm512_setzero_ps();
     const int group_shift = G == 256 ? 1 : 0; /* chunks of 128 per group, as a shift: no division per chunk */
     for (int64_t c = 0; c < full; c++) {
+        if (M >= PREFETCH_FROM_ROWS) _mm_prefetch((const char *)(row + 64 * c) + PREFETCH_AHEAD, _MM_HINT_T1);
         __m512i packed = _mm512_loadu_si512(row + 64 * c);
         __m512i low = _mm512_and_si512(packed, nibble), high = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
         __m512 weight_scale = G == 64 ? _mm512_insertf32x8(_mm512_set1_ps(row_scale[2 * c]),
