@@ -43,13 +43,6 @@ static void widen_rows(const uint16_t *x, float *xf, int64_t count) {
     }
 }
 
-/* Sums for the outputs of R weight rows (starting at w, K apart) and MM activation rows (xf, K
- * apart): one float32 accumulator per output, taking the even elements of each 16 and then the odd
- * ones, summed across lanes at the end. Every output is summed in this order whatever R and MM are,
- * so a row's result depends neither on the rows that come with it in the batch nor on the thread
- * count. One pass reads the R weight rows once for MM activation rows: each weight load and
- * widening is shared by MM rows and each activation load by R rows (R * MM = 8 accumulators, the
- * chains FMA latency wants in flight, plus the weights and activations in the 16 registers). */
 /* How far ahead (bytes) the first pass over a chunk asks for its weights into L2: the loop bodies
  * (more so with more activation rows) leave too few misses in flight for the demand loads and the
  * short prefetch alone to stream at full bandwidth (Little's law). A/B on a 55296 x 2304 matrix,
@@ -57,6 +50,13 @@ static void widen_rows(const uint16_t *x, float *xf, int64_t count) {
  * 21.7 -> 32.9, 4 rows 20.2 -> 29.7, 8 rows 17.0 -> 20.6; at K = 9216 unchanged. */
 #define FAR_AHEAD 16384
 
+/* Sums for the outputs of R weight rows (starting at w, K apart) and MM activation rows (xf, K
+ * apart): one float32 accumulator per output, taking the even elements of each 16 and then the odd
+ * ones, summed across lanes at the end. Every output is summed in this order whatever R and MM are,
+ * so a row's result depends neither on the rows that come with it in the batch nor on the thread
+ * count. One pass reads the R weight rows once for MM activation rows: each weight load and
+ * widening is shared by MM rows and each activation load by R rows (R * MM = 8 accumulators, the
+ * chains FMA latency wants in flight, plus the weights and activations in the 16 registers). */
 INLINE void bf16_tile(const float *xf, const uint16_t *w, int64_t K, int64_t k0, int64_t k1, const int R,
                       const int MM, const int far, __m256 *sums) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
